@@ -1,0 +1,39 @@
+# The two set-up commands: `make run` and `make test`. Both need only Python 3.10+.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PNEUMOSCAN_DATA ?= ./data/chest_xray
+export PNEUMOSCAN_DATA
+
+.PHONY: run test lint format clean
+
+$(BIN)/pneumoscan: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+## Evaluate the three bundled models on the test split of $PNEUMOSCAN_DATA.
+run: $(BIN)/pneumoscan
+	@if [ ! -d "$(PNEUMOSCAN_DATA)/test" ]; then \
+	  echo "error: no data at $(PNEUMOSCAN_DATA) (set PNEUMOSCAN_DATA=DIR)." >&2; \
+	  echo "Get the Kermany et al. chest X-ray data set (Kaggle 'paultimothymooney/chest-xray-pneumonia'," >&2; \
+	  echo "or Mendeley Data doi:10.17632/rscbjbr9sj.2, CC BY 4.0) and unpack it so that" >&2; \
+	  echo "$(PNEUMOSCAN_DATA)/{train,val,test}/{NORMAL,PNEUMONIA}/ exist." >&2; \
+	  exit 2; fi
+	$(BIN)/pneumoscan evaluate --model dense --model cnn --model transfer --data "$(PNEUMOSCAN_DATA)" --split test
+
+## Lint, then the whole test suite (pytest's "no tests collected" counts as a failure).
+test: $(BIN)/pneumoscan lint
+	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
+
+lint: $(BIN)/pneumoscan
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+format: $(BIN)/pneumoscan
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

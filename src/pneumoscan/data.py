@@ -1,0 +1,135 @@
+"""The data set on disk: the Kaggle layout, patient-grouped validation, and a decode-once cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pneumoscan import reader
+from pneumoscan.errors import ImageReadError, PneumoscanError
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm", ".dicom"}
+SPLITS = ("train", "val", "test")
+DATA_HELP = (
+    "get the Kermany et al. chest X-ray data (Kaggle 'chest-xray-pneumonia', or Mendeley "
+    "doi:10.17632/rscbjbr9sj.2) and unpack it so that DIR/{train,val,test}/{NORMAL,PNEUMONIA} exist"
+)
+
+_PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_", re.IGNORECASE),
+    re.compile(r"^(NORMAL2-IM-\d+)-", re.IGNORECASE),
+    re.compile(r"^(IM-\d+)-", re.IGNORECASE),
+)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Files of one split, with integer labels indexing `class_names`."""
+
+    files: list[Path]
+    labels: np.ndarray
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def subset(self, index: np.ndarray) -> Split:
+        return Split([self.files[i] for i in index], self.labels[index], self.class_names)
+
+
+def patient_id(file_name: str) -> str:
+    """The patient a file belongs to, from the data set's naming; unknown names stand alone."""
+    for pattern in _PATIENT_PATTERNS:
+        match = pattern.match(file_name)
+        if match:
+            return match.group(1).upper()
+    return Path(file_name).stem
+
+
+def list_split(root: str | Path, split: str) -> Split:
+    """List `<root>/<split>/<CLASS>/*` images; class names are the sorted folder names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PneumoscanError(f"data folder {root} does not exist: {DATA_HELP}")
+    folder = root / split
+    if not folder.is_dir():
+        raise PneumoscanError(f"{folder} does not exist: expected {root}/{split}/<CLASS>/ images")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise PneumoscanError(
+            f"{folder} needs one sub-folder per class (e.g. NORMAL/ and PNEUMONIA/); found {classes}"
+        )
+    files, labels = [], []
+    for index, name in enumerate(classes):
+        for path in sorted((folder / name).iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                files.append(path)
+                labels.append(index)
+    if not files:
+        raise PneumoscanError(f"{folder} holds no images (.jpeg, .jpg, .png, .dcm)")
+    return Split(files, np.asarray(labels, dtype=np.int64), classes)
+
+
+def train_val_split(train: Split, val_fraction: float = 0.1, seed: int = 0) -> tuple[Split, Split]:
+    """Carve a validation set from train: grouped by patient, stratified by class."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_splits = max(2, round(1 / val_fraction))
+    groups = [patient_id(f.name) for f in train.files]
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    train_idx, val_idx = next(folds.split(np.zeros(len(train)), train.labels, groups))
+    return train.subset(np.sort(train_idx)), train.subset(np.sort(val_idx))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PNEUMOSCAN_CACHE", Path.home() / ".cache" / "pneumoscan"))
+
+
+def fingerprint(files: list[Path]) -> str:
+    """Identify a file list by name, size and modification time (cheap, no reading)."""
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def load_images(split: Split, size: int, workers: int | None = None) -> tuple[np.ndarray, Split]:
+    """Decode and resize every file once; later calls read a memory-mapped .npy cache.
+
+    Unreadable files are named in a warning and dropped: the returned Split lists the kept ones.
+    """
+    key = f"{fingerprint(split.files)}-{size}"
+    directory = cache_dir()
+    array_path, meta_path = directory / f"{key}.npy", directory / f"{key}.json"
+    if array_path.exists() and meta_path.exists():
+        kept = np.asarray(json.loads(meta_path.read_text())["kept"], dtype=np.int64)
+        return np.load(array_path, mmap_mode="r"), split.subset(kept)
+
+    def decode(path: Path) -> np.ndarray | None:
+        try:
+            return reader.load(path, size)
+        except ImageReadError as exc:
+            warnings.warn(f"skipping unreadable image: {exc}", stacklevel=3)
+            return None
+
+    with ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 2) * 2)) as pool:
+        decoded = list(pool.map(decode, split.files))
+    kept = np.asarray([i for i, a in enumerate(decoded) if a is not None], dtype=np.int64)
+    images = (
+        np.stack([decoded[i] for i in kept]) if len(kept) else np.zeros((0, size, size), np.uint8)
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = array_path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, images)
+    os.replace(tmp, array_path)
+    meta_path.write_text(json.dumps({"kept": kept.tolist(), "size": size}))
+    return np.load(array_path, mmap_mode="r"), split.subset(kept)

