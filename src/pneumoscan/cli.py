@@ -141,14 +141,110 @@ def benchmark(
     typer.echo(f"wrote {', '.join(str(p) for p in written)}")
 
 
+@app.command()
+def predict(
+    paths: list[Path] = typer.Argument(
+        ..., help="Image files (JPEG, PNG, DICOM) or folders, searched recursively."
+    ),
+    model: str = typer.Option(
+        "transfer", "--model", help="Bundled model (dense, cnn, transfer) or a model folder."
+    ),
+    mode: str = typer.Option(
+        "detection", "--mode", help="Operating point: detection (sensitive) or balanced."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON list, one object per file."),
+    csv_file: Path | None = typer.Option(None, "--csv", help="Write the results to this CSV file."),
+    heatmaps: Path | None = typer.Option(
+        None, "--heatmaps", help="Write a Grad-CAM overlay PNG per image here."
+    ),
+    sort: bool = typer.Option(
+        False, "--sort", help="Order by probability, highest first (a triage list)."
+    ),
+    backend: str = typer.Option("torch", "--backend", help="torch, or onnx (ONNX Runtime)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --csv file."),
+) -> None:
+    """Screen image files. Exit code: 0 all files scored, 2 some files failed (the rest are still
+    reported), 1 usage error. Images that do not look like chest X-rays get ood=true and no label."""
+    from pneumoscan import bundle, report
+    from pneumoscan import predict as screening
+
+    if mode not in screening.MODES:
+        raise PneumoscanError(f"--mode {mode!r}: choose detection or balanced")
+    if backend not in ("torch", "onnx"):
+        raise PneumoscanError(f"--backend {backend!r}: choose torch or onnx")
+    if as_json and csv_file:
+        raise PneumoscanError("--json and --csv: choose one")
+    if csv_file is not None and csv_file.exists() and not force:
+        raise PneumoscanError(f"--csv {csv_file}: file exists; pass --force to overwrite it")
+    files = screening.expand_paths(paths)
+    if not files:
+        raise PneumoscanError(f"no image files found in {', '.join(str(p) for p in paths)}")
+    loaded = bundle.load(model)
+    raw_scores = None
+    if backend == "onnx":
+        from pneumoscan import runtime
+
+        raw_scores = runtime.runner_for(loaded).raw_scores
+    results = list(screening.predict(loaded, files, mode, heatmaps=heatmaps, raw_scores=raw_scores))
+    if sort:
+        results.sort(key=lambda r: -1.0 if r.probability is None else r.probability, reverse=True)
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in results], indent=2))
+    elif csv_file is not None:
+        report.write_predictions_csv(results, csv_file)
+    else:
+        report.print_predictions(results)
+    failed = sum(r.error is not None for r in results)
+    flagged = sum(bool(r.ood) for r in results)
+    _stderr(
+        f"{len(results) - failed} of {len(results)} files scored ({loaded.name} model, {mode} point)"
+        + (f"; {flagged} not chest X-rays (no label)" if flagged else "")
+        + (f"; {failed} failed" if failed else "")
+        + (f"; wrote {csv_file}" if csv_file else "")
+    )
+    if failed:
+        raise typer.Exit(2)
+
+
+@app.command()
+def export(
+    model: str = typer.Option(
+        "transfer", "--model", help="Bundled model (dense, cnn, transfer) or a model folder."
+    ),
+    onnx: Path = typer.Option(..., "--onnx", help="ONNX file to write (dynamic batch)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Export a model (classifier and not-a-chest-X-ray guard) to ONNX."""
+    from pneumoscan import bundle, runtime
+
+    if onnx.exists() and not force:
+        raise PneumoscanError(f"--onnx {onnx}: file exists; pass --force to overwrite it")
+    loaded = bundle.load(model)
+    runtime.export(loaded, onnx)
+    typer.echo(
+        f"wrote {onnx}: input 'image' (N, 1, {loaded.input_size}, {loaded.input_size}) float in [0, 1]; "
+        "outputs 'logit' and 'ood_score'; calibration and thresholds are in the model's model.json"
+    )
+
+
 def main() -> None:
-    """Console entry point: user mistakes become one line on stderr and a non-zero exit."""
+    """Console entry point: user mistakes become one line on stderr and exit code 1."""
+    import click
+
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     try:
-        app()
+        code = app(standalone_mode=False)
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "pneumoscan"
+        _stderr(f"error: {exc.format_message()} (see `{command} --help`)")
+        sys.exit(1)
+    except click.ClickException as exc:
+        _stderr(f"error: {exc.format_message()}")
+        sys.exit(1)
     except PneumoscanError as exc:
         _stderr(f"error: {exc}")
         sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, click.exceptions.Abort):
         _stderr("interrupted")
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -21,7 +21,7 @@ class Classifier(nn.Module):
 
     def __init__(self, trunk: nn.Module, head: nn.Module):
         super().__init__()
-        self.trunk = trunk
+        self.trunk = trunk.eval()
         self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,6 +110,11 @@ def transfer(
         nn.Linear(base.num_features, 1),
     )
     return Classifier(trunk, head)
+
+
+def imagenet_trunk(stages: int) -> nn.Sequential:
+    """The frozen ImageNet stem and first `stages` stages of EfficientNet-Lite0."""
+    return transfer(0, trainable_blocks=7 - stages).trunk.eval()
 
 
 def load_imagenet_weights(base: nn.Module) -> None:

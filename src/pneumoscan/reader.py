@@ -6,21 +6,28 @@ pixels a model sees cannot drift between the code paths.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pneumoscan.errors import ImageReadError
 
+if TYPE_CHECKING:
+    from pydicom import Dataset
+
 MAX_PIXELS = 50_000_000  # ~7000x7000: larger than any radiograph, smaller than a bomb
 MIN_SIDE = 16
 
 
 def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
-    """Read a JPEG or PNG (8/16-bit, grey, RGB, palette, alpha) into a 2-D uint8 array."""
+    """Read a JPEG, PNG (8/16-bit, grey, RGB, palette, alpha) or DICOM into a 2-D uint8 array."""
     label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     try:
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
@@ -32,25 +39,165 @@ def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarra
         raise ImageReadError(f"{label}: cannot read file ({exc.strerror or exc})") from None
     if not data:
         raise ImageReadError(f"{label}: file is empty")
+    if _is_dicom(data, label):
+        return _decode_dicom(data, label)
     return _decode_pil(data, label)
 
 
 def _decode_pil(data: bytes, label: str) -> np.ndarray:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own pixel limit (below) is stricter than Pillow's warning threshold.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             _check_header(img, label)
             img.load()
             return to_grey_uint8(img)
     except ImageReadError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageReadError(f"{label}: image is too large to be a radiograph; refused") from None
+    except Image.DecompressionBombError:
+        raise ImageReadError(
+            f"{label}: image exceeds the limit of {MAX_PIXELS:,} pixels; refused"
+        ) from None
     except UnidentifiedImageError:
         raise ImageReadError(f"{label}: not a supported image (use JPEG, PNG or DICOM)") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageReadError(f"{label}: broken or truncated image ({exc})") from None
+
+
+def _is_dicom(data: bytes, label: str) -> bool:
+    if data[128:132] == b"DICM":
+        return True
+    # Old files without the preamble exist. Forced parsing "succeeds" on almost any bytes,
+    # so trust it only when the name says DICOM and pixel data turns up.
+    if Path(label).suffix.lower() not in (".dcm", ".dicom"):
+        return False
+    try:
+        with _quiet_pydicom():
+            return "PixelData" in _parse_dicom(data)
+    except Exception:
+        return False
+
+
+def _decode_dicom(data: bytes, label: str) -> np.ndarray:
+    """Modality LUT, then VOI window, scaled to 8 bits; MONOCHROME1 flipped so air is dark.
+
+    Messages never quote header values beyond geometry and encoding: headers hold patient data.
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        with _quiet_pydicom():
+            ds = _parse_dicom(data)
+            _check_dicom_header(ds, label)
+            # Frame 0 only: surplus pixel bytes would otherwise come back as extra frames.
+            ds.pixel_array_options(index=0)
+            pixels = ds.pixel_array
+            lowest, highest = _stored_range(ds)
+            if ds.SamplesPerPixel == 3:
+                values = pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+                ends = np.array([lowest, highest], dtype=np.float64)
+            else:
+                values = apply_voi_lut(apply_modality_lut(pixels, ds), ds)
+                # The display range is wherever the same pipeline sends the storable extremes.
+                ends = apply_voi_lut(apply_modality_lut(np.array([lowest, highest]), ds), ds)
+            grey = _stretch(values, ends)
+            return 255 - grey if ds.PhotometricInterpretation == "MONOCHROME1" else grey
+    except ImageReadError:
+        raise
+    except Exception:
+        # pydicom raises many types for malformed files, and their text can quote header values.
+        raise ImageReadError(
+            f"{label}: broken or truncated DICOM file; export it again from the PACS or modality"
+        ) from None
+
+
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom's warnings, log and value checks: their text can quote patient data."""
+    from pydicom.config import disable_value_validation, logger
+
+    # A level above CRITICAL also mutes pydicom's child loggers, which inherit it.
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings(), disable_value_validation():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _parse_dicom(data: bytes) -> Dataset:
+    # Imported here, not at the top: pydicom costs start-up time that JPEG and PNG users skip.
+    import pydicom
+    from pydicom import uid
+
+    ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    if "TransferSyntaxUID" not in ds.file_meta:
+        # Files without a meta header are always uncompressed, in the encoding parsing found.
+        implicit, little_endian = ds.original_encoding
+        if implicit:
+            ds.file_meta.TransferSyntaxUID = uid.ImplicitVRLittleEndian
+        elif little_endian:
+            ds.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
+        else:
+            ds.file_meta.TransferSyntaxUID = uid.ExplicitVRBigEndian
+    return ds
+
+
+def _check_dicom_header(ds: Dataset, label: str) -> None:
+    """Refuse from the header alone, before a single pixel is decoded."""
+    from pydicom.pixels import get_decoder
+
+    if "PixelData" not in ds:
+        raise ImageReadError(
+            f"{label}: DICOM file has no pixel data (not an image, or cut short);"
+            " give the full image file"
+        )
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if rows * columns * frames > MAX_PIXELS:
+        raise ImageReadError(
+            f"{label}: {columns}x{rows}x{frames} pixels exceeds the limit of {MAX_PIXELS:,};"
+            " refused"
+        )
+    if frames > 1:
+        raise ImageReadError(f"{label}: multi-frame DICOM ({frames} frames); give a single frame")
+    if min(rows, columns) < MIN_SIDE:
+        raise ImageReadError(f"{label}: {columns}x{rows} pixels is too small to be a chest X-ray")
+    greyscale = ds.get("PhotometricInterpretation") in ("MONOCHROME1", "MONOCHROME2")
+    if ds.get("SamplesPerPixel", 1) == 1 and not greyscale:
+        raise ImageReadError(
+            f"{label}: DICOM colour encoding not supported; give a greyscale or RGB image"
+        )
+    syntax = ds.file_meta.TransferSyntaxUID
+    try:
+        decodable = get_decoder(syntax).is_available
+    except NotImplementedError:
+        decodable = False
+    if not decodable:
+        # A malformed UID field could hold any text; only a well-formed UID is safe to show.
+        shown = f"{syntax.name} ({syntax})" if syntax.is_valid else "(malformed UID)"
+        raise ImageReadError(
+            f"{label}: DICOM transfer syntax {shown} cannot be decoded here;"
+            " export it uncompressed (Explicit VR Little Endian)"
+        )
+
+
+def _stored_range(ds: Dataset) -> tuple[int, int]:
+    bits = int(ds.BitsStored)
+    if ds.get("PixelRepresentation", 0) == 1:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _stretch(values: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Map the lower end to black and the upper to white; a degenerate range uses the data's."""
+    lo, hi = float(np.min(ends)), float(np.max(ends))
+    if not np.isfinite([lo, hi]).all() or lo == hi:
+        lo, hi = float(values.min()), float(values.max())
+    return _scale(values - lo, (hi - lo) or 1.0)
 
 
 def _check_header(img: Image.Image, label: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ def print_evaluations(results: list[Evaluation]) -> None:
             table.add_row(
                 r.model if i == 0 else "",
                 f"{r.auc:.3f} ({r.auc_ci[0]:.3f}-{r.auc_ci[1]:.3f})" if i == 0 else "",
+                f"{r.ece:.3f}" if i == 0 else "",
                 name,
                 f"{p.threshold:.3f}",
                 f"{p.accuracy:.3f}",
@@ -49,19 +51,56 @@ def print_evaluations(results: list[Evaluation]) -> None:
                 f"{p.f1:.3f}",
                 f"{p.tp}/{p.fp}/{p.tn}/{p.fn}",
             )
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 120).print(table)
+
+
+def print_predictions(results: list) -> None:
+    """Screening results as a readable table on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    for column in ("file", "P(pneumonia)", "threshold", "result"):
+        table.add_column(
+            column, justify="right" if column in ("P(pneumonia)", "threshold") else "left"
+        )
+    for r in results:
+        if r.error:
+            verdict = f"[red]error: {r.error}[/red]"
+        elif r.ood:
+            verdict = "[yellow]not a chest X-ray? (no label)[/yellow]"
+        else:
+            verdict = f"[bold]{r.label}[/bold]" if r.label == "PNEUMONIA" else r.label
+        probability = "" if r.probability is None else f"{r.probability:.3f}"
+        threshold = "" if r.threshold is None else f"{r.threshold:.3f}"
+        table.add_row(r.file, probability, threshold, verdict)
+    Console(width=None if sys.stdout.isatty() else 140).print(table)
+
+
+def write_predictions_csv(results: list, path: Path) -> None:
+    """One row per file with the same fields as the JSON output."""
+    import csv
+
+    from pneumoscan.predict import FIELDS
+
+    extra = ("heatmap",) if any(r.heatmap for r in results) else ()
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*FIELDS, *extra], extrasaction="ignore")
+        writer.writeheader()
+        for r in results:
+            writer.writerow(r.to_dict())
 
 
 def markdown_table(results: list[Evaluation]) -> str:
     """The study's "Results (Test set)" table."""
     lines = [
-        "| model | AUC (95% CI) | operating point | threshold | accuracy | sensitivity | specificity | precision | F1 |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | AUC (95% CI) | ECE | operating point | threshold | accuracy | sensitivity | specificity | precision | F1 |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         for name, p in r.operating_points.items():
             lines.append(
-                f"| {r.model} | {r.auc:.3f} ({r.auc_ci[0]:.3f}-{r.auc_ci[1]:.3f}) | {name} | {p.threshold:.3f} | "
+                f"| {r.model} | {r.auc:.3f} ({r.auc_ci[0]:.3f}-{r.auc_ci[1]:.3f}) | {r.ece:.3f} | {name} | {p.threshold:.3f} | "
                 f"{p.accuracy:.3f} | {p.sensitivity:.3f} | {p.specificity:.3f} | {p.precision:.3f} | {p.f1:.3f} |"
             )
     return "\n".join(lines) + "\n"
@@ -79,6 +118,7 @@ def write_benchmark(results: list[tuple[LoadedModel, Evaluation]], out: Path) ->
         "confusion.png": _plot_confusion(evaluations),
         "thresholds.png": _plot_thresholds(evaluations),
         "training.png": _plot_training([m for m, _ in results]),
+        "calibration.png": _plot_calibration(evaluations),
     }
     written = []
     for name, figure in plots.items():
@@ -164,6 +204,24 @@ def _plot_thresholds(results: list[Evaluation]):
     return fig
 
 
+def _plot_calibration(results: list[Evaluation]):
+    import matplotlib.pyplot as plt
+    from sklearn.calibration import calibration_curve
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for r in results:
+        observed, predicted = calibration_curve(r.labels, r.probs, n_bins=10, strategy="quantile")
+        ax.plot(predicted, observed, marker="o", label=f"{r.model} (ECE {r.ece:.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(
+        xlabel="predicted P(pneumonia)",
+        ylabel="observed fraction with pneumonia",
+        title="Reliability, test split (calibrated on validation)",
+    )
+    ax.legend(loc="upper left")
+    return fig
+
+
 def _plot_training(models: list[LoadedModel]):
     import matplotlib.pyplot as plt
 
@@ -218,7 +276,7 @@ td:first-child{{text-align:left}}img{{max-width:100%}}figure{{margin:1.5em 0}}</
 <p>Thresholds, calibration and model selection were fixed on a validation set carved from train by
 patient; the test split was scored once. <b>balanced</b> maximises Youden's J on validation;
 <b>detection</b> is the highest threshold with validation sensitivity &ge; 0.98.</p>
-<table><tr><th>model</th><th>AUC (95% CI)</th><th>point</th><th>threshold</th><th>accuracy</th>
+<table><tr><th>model</th><th>AUC (95% CI)</th><th>ECE</th><th>point</th><th>threshold</th><th>accuracy</th>
 <th>sensitivity</th><th>specificity</th><th>precision</th><th>F1</th></tr>{"".join(table_rows)}</table>
 <h2>Training</h2>
 <table><tr><th>model</th><th>hardware</th><th>wall time (s)</th><th>best epoch</th><th>validation AUC</th>

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pneumoscan import bundle, data, metrics
+from pneumoscan import bundle, data, guard, metrics
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.models import MODEL_NAMES, create_model
 
@@ -137,15 +137,16 @@ def _prepare_data(root: Path, cfg: TrainConfig) -> _Data:
 
 
 @torch.no_grad()
-def _trunk_features(network, images, idx, device, batch_size, cfg=None, gen=None) -> torch.Tensor:
+def _trunk_features(trunk, images, idx, device, batch_size, cfg=None, gen=None) -> torch.Tensor:
     """Frozen-trunk outputs, computed once (optionally of augmented views)."""
+    trunk.eval()  # the pretrained BatchNorm statistics, never batch statistics
     out = []
     for start in range(0, len(idx), batch_size * 4):
         x = to_input(images[idx[start : start + batch_size * 4]], device)
         if cfg:
             x = augment(x, cfg, gen)
         with _autocast(device):
-            out.append(network.trunk(x).to(torch.float16))
+            out.append(trunk(x).to(torch.float16))
     return torch.cat(out)
 
 
@@ -217,7 +218,7 @@ def train(
         features = torch.stack(
             [
                 _trunk_features(
-                    network,
+                    network.trunk,
                     d.images,
                     d.train_idx,
                     device,
@@ -228,7 +229,7 @@ def train(
                 for view in range(cfg.feature_views)
             ]
         )
-        val_features = _trunk_features(network, d.images, d.val_idx, device, cfg.batch_size)
+        val_features = _trunk_features(network.trunk, d.images, d.val_idx, device, cfg.batch_size)
         log(
             f"cached frozen-base features of {cfg.feature_views} view(s) in {time.perf_counter() - t0:.1f}s"
         )
@@ -343,8 +344,54 @@ def train(
     )
     network.to("cpu")
     bundle.save(out_dir, network, meta)
-    log(f"saved {out_dir} (best epoch {state['best_epoch']}, validation AUC {val_auc:.4f})")
-    return bundle.load(out_dir)
+    loaded = fit_guard(bundle.load(out_dir), data_root, device)
+    log(
+        f"saved {out_dir} (best epoch {state['best_epoch']}, validation AUC {val_auc:.4f}; "
+        f"guard passes {loaded.meta['ood']['validation_pass_rate']:.1%} of validation X-rays)"
+    )
+    return loaded
+
+
+def fit_guard(
+    model: bundle.LoadedModel, data_root: Path, device: torch.device | None = None
+) -> bundle.LoadedModel:
+    """Fit the not-a-chest-X-ray guard on the model's own training split; rewrite its folder."""
+    device = device or torch.device("cpu")
+    cfg = TrainConfig(**model.meta["training"]["config"])
+    d = _prepare_data(Path(data_root), cfg)
+    if d.fingerprint != model.meta["data"]["fingerprint"]:
+        raise PneumoscanError(
+            f"{data_root}: not the data this model was trained on (fingerprint differs)"
+        )
+    if bundle.shares_guard_trunk(model.meta):
+        trunk = model.network.trunk
+    else:
+        from pneumoscan.models import imagenet_trunk
+
+        trunk = imagenet_trunk(guard.FROZEN_STAGES)
+    trunk = trunk.to(device).to(memory_format=torch.channels_last)
+
+    def pooled(idx: np.ndarray) -> np.ndarray:
+        features = _trunk_features(trunk, d.images, idx, device, cfg.batch_size)
+        return guard.Guard.pool(features).cpu().numpy()
+
+    ood, threshold, pass_rate = guard.fit(pooled(d.train_idx), pooled(d.val_idx))
+    meta = {
+        k: v for k, v in model.meta.items() if k not in ("weights", "versions", "format_version")
+    }
+    meta["ood"] = {
+        "method": guard.DESCRIPTION,
+        "threshold": threshold,
+        "validation_pass_rate": pass_rate,
+    }
+    bundle.save(
+        model.folder,
+        model.network,
+        meta,
+        dtype=getattr(torch, model.meta["weights"]["dtype"]),
+        ood=ood,
+    )
+    return bundle.load(model.folder)
 
 
 def _calibrate_and_describe(cfg, d, val_labels, val_logits, val_auc, state, device, wall) -> dict:

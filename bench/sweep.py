@@ -1,0 +1,71 @@
+"""Validation-only sweep: train variants of a config over seeds, report validation AUC and loss.
+
+    python bench/sweep.py --data DIR --model transfer --vary model_args.trainable_blocks=0,1,2 --seeds 0,1,2
+
+The test split is never read here: choices between recipes are made on these numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from pneumoscan import train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument(
+        "--vary", required=True, help="key=v1,v2,... ; dotted keys reach into dicts"
+    )
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    key, values = args.vary.split("=", 1)
+    for raw in values.split(","):
+        value = yaml.safe_load(raw)
+        aucs, losses, walls = [], [], []
+        for seed in (int(s) for s in args.seeds.split(",")):
+            cfg = train.load_config(args.model, seed=seed)
+            target = cfg.__dict__
+            *parents, leaf = key.split(".")
+            for p in parents:
+                target = target[p]
+            target[leaf] = value
+            start = time.perf_counter()
+            with tempfile.TemporaryDirectory() as out:
+                model = train.train(
+                    cfg, args.data, Path(out), args.device, log=lambda _: None, progress=False
+                )
+            walls.append(time.perf_counter() - start)
+            history = model.meta["training"]["history"]
+            best = model.meta["training"]["best_epoch"]
+            aucs.append(model.meta["validation"]["auc"])
+            losses.append(next(h["val_loss"] for h in history if h["epoch"] == best))
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    key: value,
+                    "seeds": args.seeds,
+                    "val_auc_mean": round(statistics.mean(aucs), 4),
+                    "val_auc_sd": round(statistics.stdev(aucs), 4),
+                    "val_loss_mean": round(statistics.mean(losses), 4),
+                    "val_loss_sd": round(statistics.stdev(losses), 4),
+                    "wall_s_mean": round(statistics.mean(walls), 1),
+                }
+            ),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

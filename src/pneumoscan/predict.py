@@ -1,0 +1,183 @@
+"""Screening files: paths in, one result per file out, streamed with bounded memory.
+
+Decoding runs in worker threads while the model scores the previous batch; at most a few
+batches are in flight, so memory stays flat whatever the number of files. A file that cannot
+be read becomes a result with an `error`; it never stops the batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pneumoscan import reader
+from pneumoscan.bundle import LoadedModel
+from pneumoscan.data import IMAGE_SUFFIXES
+from pneumoscan.errors import ImageReadError, PneumoscanError
+
+FIELDS = ("file", "probability", "label", "threshold", "mode", "ood", "ood_score", "error")
+MODES = ("detection", "balanced")
+
+
+@dataclass
+class Prediction:
+    """The result for one file; `label` is None when the file is out of distribution or failed."""
+
+    file: str
+    probability: float | None = None
+    label: str | None = None
+    threshold: float | None = None
+    mode: str | None = None
+    ood: bool | None = None
+    ood_score: float | None = None
+    error: str | None = None
+    heatmap: str | None = None
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        if out["heatmap"] is None:
+            del out["heatmap"]
+        return out
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given; folders recursively (image suffixes, or none as DICOM exports often have).
+
+    A path that does not exist is a usage error, raised before any work starts.
+    """
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(
+                p
+                for p in sorted(path.rglob("*"))
+                if p.is_file()
+                and not p.name.startswith(".")
+                and (p.suffix.lower() in IMAGE_SUFFIXES or not p.suffix)
+            )
+        elif path.exists():
+            files.append(path)
+        else:
+            raise PneumoscanError(f"{path}: no such file or folder")
+    return files
+
+
+@dataclass
+class _Decoded:
+    path: Path
+    image: np.ndarray | None = None  # model-ready (S, S)
+    original: np.ndarray | None = None  # full resolution, kept only for heatmaps
+    error: str | None = None
+
+
+def _decode(path: Path, size: int, keep_original: bool) -> _Decoded:
+    try:
+        original = reader.read_image(path)
+        image = reader.resize(original, size)
+        return _Decoded(path, image, original if keep_original else None)
+    except ImageReadError as exc:
+        return _Decoded(path, error=str(exc))
+    except MemoryError:
+        return _Decoded(path, error=f"{path}: not enough memory to decode this image")
+
+
+def predict(
+    model: LoadedModel,
+    files: Iterable[Path],
+    mode: str = "detection",
+    batch_size: int = 32,
+    workers: int | None = None,
+    heatmaps: Path | None = None,
+    raw_scores: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
+) -> Iterator[Prediction]:
+    """Score files in order, yielding one Prediction each as soon as its batch is done."""
+    threshold = model.threshold(mode)
+    score = raw_scores or model.raw_scores
+    writer = _HeatmapWriter(model, heatmaps) if heatmaps is not None else None
+    workers = workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        in_flight: deque[list[Future[_Decoded]]] = deque()
+        batch: list[Future[_Decoded]] = []
+        for path in files:
+            batch.append(pool.submit(_decode, path, model.input_size, writer is not None))
+            if len(batch) == batch_size:
+                in_flight.append(batch)
+                batch = []
+                if len(in_flight) > 2:  # two batches decode while one is scored
+                    yield from _score(model, in_flight.popleft(), score, mode, threshold, writer)
+        if batch:
+            in_flight.append(batch)
+        while in_flight:
+            yield from _score(model, in_flight.popleft(), score, mode, threshold, writer)
+
+
+def _score(model, futures, score, mode, threshold, writer) -> Iterator[Prediction]:
+    decoded = [f.result() for f in futures]
+    good = [d for d in decoded if d.image is not None]
+    results = {}
+    if good:
+        logits, distances = score(np.stack([d.image for d in good]))
+        probs = model.calibrate(logits)
+        ood_limit = model.ood_threshold
+        for d, p, dist in zip(good, probs, distances, strict=True):
+            ood = bool(ood_limit is not None and dist > ood_limit)
+            label = None if ood else model.class_names[int(p >= threshold)]
+            results[id(d)] = Prediction(
+                file=str(d.path),
+                probability=float(p),
+                label=label,
+                threshold=threshold,
+                mode=mode,
+                ood=ood,
+                ood_score=float(dist) if ood_limit is not None else None,
+            )
+    for d in decoded:
+        if d.image is None:
+            yield Prediction(file=str(d.path), threshold=threshold, mode=mode, error=d.error)
+            continue
+        result = results[id(d)]
+        if writer is not None:
+            writer.write(d, result)
+        yield result
+
+
+class _HeatmapWriter:
+    """One PNG per scored image; never overwrites a file that is already there."""
+
+    def __init__(self, model: LoadedModel, folder: Path):
+        if model.meta["architecture"] not in ("cnn", "transfer"):
+            raise PneumoscanError(
+                f"--heatmaps: the {model.meta['architecture']} model has no spatial layer; "
+                "use --model cnn or --model transfer"
+            )
+        if folder.exists() and not folder.is_dir():
+            raise PneumoscanError(f"--heatmaps {folder}: exists and is not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model = model
+        self.folder = folder
+
+    def write(self, decoded: _Decoded, result: Prediction) -> None:
+        from pneumoscan import explain
+
+        cam = explain.heatmap(self.model, decoded.image)
+        png = explain.overlay_png(
+            decoded.original, cam, result.probability, result.label, result.threshold
+        )
+        target = self.folder / f"{decoded.path.stem}_heatmap.png"
+        n = 1
+        while True:
+            try:
+                with target.open("xb") as handle:  # exclusive create: never clobber a file
+                    handle.write(png)
+                break
+            except FileExistsError:
+                n += 1
+                target = self.folder / f"{decoded.path.stem}_heatmap-{n}.png"
+        result.heatmap = str(target)

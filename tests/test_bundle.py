@@ -1,0 +1,85 @@
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pneumoscan import bundle
+from pneumoscan.errors import PneumoscanError
+
+
+@pytest.fixture
+def model_copy(tiny_models: dict[str, Path], tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_models["cnn"], tmp_path / "cnn"))
+
+
+def test_model_folder_describes_itself(tiny_models: dict[str, Path]) -> None:
+    meta = json.loads((tiny_models["transfer"] / "model.json").read_text())
+    for key in (
+        "format_version",
+        "architecture",
+        "input_size",
+        "preprocessing",
+        "class_names",
+        "operating_points",
+        "calibration",
+        "validation",
+        "training",
+        "data",
+        "versions",
+        "weights",
+    ):
+        assert key in meta
+    assert meta["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert set(meta["operating_points"]) == {"balanced", "detection"}
+    assert meta["training"]["config"]["model"] == "transfer"
+    assert (tiny_models["transfer"] / "weights.safetensors").is_file()
+    assert (tiny_models["transfer"] / "guard.safetensors").is_file()
+    assert meta["ood"]["validation_pass_rate"] >= 0.99 and meta["ood"]["threshold"] > 0
+
+
+def test_roundtrip_gives_identical_probabilities(tiny_models: dict[str, Path]) -> None:
+    model = bundle.load(tiny_models["cnn"])
+    images = np.random.default_rng(0).integers(0, 256, (4, 128, 128), dtype=np.uint8)
+    again = bundle.load(tiny_models["cnn"])
+    assert np.array_equal(model.probabilities(images), again.probabilities(images))
+    assert ((model.probabilities(images) >= 0) & (model.probabilities(images) <= 1)).all()
+
+
+@pytest.mark.parametrize("name", ["weights.safetensors", "guard.safetensors"])
+def test_tampered_or_truncated_files_are_refused(model_copy: Path, name: str) -> None:
+    path = model_copy / name
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(PneumoscanError, match="checksum"):
+        bundle.load(model_copy)
+    path.write_bytes(bytes(data[:100]))
+    with pytest.raises(PneumoscanError, match=name):
+        bundle.load(model_copy)
+
+
+def test_unknown_format_version_is_refused(model_copy: Path) -> None:
+    meta = json.loads((model_copy / "model.json").read_text())
+    meta["format_version"] = 99
+    (model_copy / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(PneumoscanError, match="reads version 1"):
+        bundle.load(model_copy)
+
+
+def test_unknown_model_name_names_the_choices(tmp_path: Path) -> None:
+    with pytest.raises(PneumoscanError, match="dense, cnn, transfer"):
+        bundle.load("resnet")
+    with pytest.raises(PneumoscanError, match=str(tmp_path)):
+        bundle.load(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["dense", "cnn", "transfer"])
+def test_bundled_models_ship_within_size_budget(name: str) -> None:
+    folder = bundle.bundled_dir() / name
+    assert (folder / "model.json").is_file(), f"bundled model {name} is missing"
+    model = bundle.load(name)
+    assert model.meta["architecture"] == name and model.input_size == 128
+    total = sum(p.stat().st_size for p in bundle.bundled_dir().glob("*/weights.safetensors"))
+    assert total <= 25 * 2**20

@@ -1,0 +1,87 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pneumoscan", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=900,
+    )
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "benchmark"])
+def test_help_per_command(command: str) -> None:
+    result = run(command, "--help")
+    assert result.returncode == 0 and "--data" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "phrase"),
+    [
+        (["evaluate", "--model", "resnet", "--data", "."], "--model resnet: not a bundled model"),
+        (["evaluate", "--data", "/no/such/folder"], "data folder /no/such/folder does not exist"),
+        (["train", "--model", "vgg", "--data", ".", "--out", "x"], "--model 'vgg': choose one of"),
+    ],
+)
+def test_user_mistakes_give_one_line_and_non_zero_exit(
+    args: list[str], phrase: str, tmp_path: Path
+) -> None:
+    result = run(*args, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and phrase in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_bundled_transfer_model_regression_guard(data_root: Path) -> None:
+    """The shipped transfer model, scored on the 624 real test images."""
+    result = run("evaluate", "--model", "transfer", "--data", str(data_root), "--json")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["n"] == 624 and payload["model"] == "transfer"
+    assert payload["auc"] >= 0.95
+    detection = payload["operating_points"]["detection"]
+    assert set(detection) == {
+        "threshold",
+        "accuracy",
+        "sensitivity",
+        "specificity",
+        "precision",
+        "f1",
+        "tp",
+        "fp",
+        "tn",
+        "fn",
+    }
+    assert detection["sensitivity"] >= payload["operating_points"]["balanced"]["sensitivity"]
+
+
+@pytest.mark.slow
+def test_benchmark_writes_table_plots_and_report(small_data: Path, tmp_path: Path) -> None:
+    result = run(
+        "benchmark",
+        "--data",
+        str(small_data),
+        "--out",
+        str(tmp_path),
+        "--max-steps",
+        "3",
+        "--models",
+        "dense,cnn",
+        "--device",
+        "cpu",
+    )
+    assert result.returncode == 0, result.stderr
+    table = (tmp_path / "results.md").read_text()
+    assert "| dense |" in table and "| cnn |" in table and "detection" in table
+    for name in ("roc.png", "confusion.png", "thresholds.png", "training.png", "calibration.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 5 and "<table>" in page

@@ -1,0 +1,75 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneumoscan import data
+from pneumoscan.errors import PneumoscanError
+
+
+@pytest.mark.parametrize(
+    ("name", "patient"),
+    [
+        ("person1372_bacteria_3501.jpeg", "PERSON1372"),
+        ("person1372_bacteria_3502.jpeg", "PERSON1372"),
+        ("person78_virus_140.jpeg", "PERSON78"),
+        ("IM-0115-0001.jpeg", "IM-0115"),
+        ("NORMAL2-IM-0331-0001.jpeg", "NORMAL2-IM-0331"),
+        ("scan.png", "scan"),
+    ],
+)
+def test_patient_id(name: str, patient: str) -> None:
+    assert data.patient_id(name) == patient
+
+
+def test_real_train_split_lists_both_classes(data_root: Path) -> None:
+    split = data.list_split(data_root, "train")
+    assert split.class_names == ["NORMAL", "PNEUMONIA"]
+    assert len(split) == 5216
+    assert np.bincount(split.labels).tolist() == [1341, 3875]
+
+
+def test_validation_never_shares_a_patient_and_keeps_class_balance(data_root: Path) -> None:
+    train, val = data.train_val_split(data.list_split(data_root, "train"), 0.1, seed=0)
+    train_patients = {data.patient_id(f.name) for f in train.files}
+    val_patients = {data.patient_id(f.name) for f in val.files}
+    assert not train_patients & val_patients
+    assert 0.08 < len(val) / (len(train) + len(val)) < 0.12
+    assert abs(val.labels.mean() - train.labels.mean()) < 0.03
+    again = data.train_val_split(data.list_split(data_root, "train"), 0.1, seed=0)[1]
+    assert again.files == val.files  # fixed seed, same split
+
+
+def test_missing_or_empty_folders_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(PneumoscanError, match="does not exist"):
+        data.list_split(tmp_path / "nowhere", "train")
+    (tmp_path / "train" / "NORMAL").mkdir(parents=True)
+    (tmp_path / "train" / "PNEUMONIA").mkdir()
+    with pytest.raises(PneumoscanError, match="holds no images"):
+        data.list_split(tmp_path, "train")
+    with pytest.raises(PneumoscanError, match="test does not exist"):
+        data.list_split(tmp_path, "test")
+
+
+def test_decode_once_cache_and_unreadable_files_are_skipped(
+    tmp_path: Path, xray_files: list[Path]
+) -> None:
+    for klass in ("NORMAL", "PNEUMONIA"):
+        (tmp_path / "test" / klass).mkdir(parents=True)
+    for f in xray_files:
+        (tmp_path / "test" / f.parent.name / f.name).symlink_to(f)
+    (tmp_path / "test" / "NORMAL" / "broken.jpeg").write_bytes(b"\xff\xd8\xff garbage")
+    split = data.list_split(tmp_path, "test")
+    with pytest.warns(UserWarning, match="broken.jpeg"):
+        images, kept = data.load_images(split, 64)
+    assert images.shape == (len(xray_files), 64, 64)
+    assert all(f.name != "broken.jpeg" for f in kept.files)
+    expected = np.asarray(
+        Image.open(kept.files[0]).convert("L").resize((64, 64), Image.Resampling.BILINEAR)
+    )
+    assert np.array_equal(images[0], expected)
+    cached, kept_again = data.load_images(split, 64)  # second call: memory-mapped, no warning
+    assert isinstance(cached, np.memmap)
+    assert kept_again.files == kept.files
+    assert np.array_equal(np.asarray(cached), np.asarray(images))

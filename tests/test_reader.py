@@ -1,0 +1,119 @@
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneumoscan import reader
+from pneumoscan.errors import ImageReadError
+
+
+@pytest.fixture(scope="module")
+def grey(xray_files: list[Path]) -> np.ndarray:
+    return np.asarray(Image.open(xray_files[0]).convert("L"))
+
+
+def _encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_real_jpeg_reads_as_2d_uint8(xray_files: list[Path]) -> None:
+    image = reader.read_image(xray_files[0])
+    assert image.dtype == np.uint8 and image.shape == (224, 224)
+    assert 20 < image.mean() < 235  # a real radiograph, not blank
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "tolerance"),
+    [
+        ("png8", lambda g: _encode(Image.fromarray(g), "PNG"), 0),
+        ("png16", lambda g: _encode(Image.fromarray(g.astype(np.uint16) * 257), "PNG"), 0),
+        ("rgb_png", lambda g: _encode(Image.fromarray(np.stack([g] * 3, -1)), "PNG"), 1),
+        (
+            "rgba_png",
+            lambda g: _encode(
+                Image.fromarray(np.stack([g] * 3 + [np.full_like(g, 255)], -1)), "PNG"
+            ),
+            1,
+        ),
+        ("la_png", lambda g: _encode(Image.fromarray(g).convert("LA"), "PNG"), 0),
+        ("palette_png", lambda g: _encode(Image.fromarray(g).convert("P"), "PNG"), 8),
+        (
+            "rgb_jpeg",
+            lambda g: _encode(Image.fromarray(np.stack([g] * 3, -1)), "JPEG", quality=98),
+            6,
+        ),
+    ],
+)
+def test_every_format_gives_the_same_greyscale(
+    grey: np.ndarray, name: str, make, tolerance: int
+) -> None:
+    image = reader.read_image(make(grey), name=name)
+    assert image.shape == grey.shape and image.dtype == np.uint8
+    assert np.abs(image.astype(int) - grey).mean() <= tolerance + 0.5
+
+
+def test_twelve_bit_png_is_scaled_by_full_range() -> None:
+    values = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    image = reader.read_image(_encode(Image.fromarray(values), "PNG"))
+    assert image.min() == 0 and image.max() == 255
+
+
+def test_resize_squashes_whole_frame() -> None:
+    wide = np.zeros((100, 300), np.uint8)
+    wide[:, 150:] = 255
+    out = reader.resize(wide, 64)
+    assert out.shape == (64, 64)
+    assert out[:, :28].max() == 0 and out[:, 36:].min() == 255
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels but carries almost no data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_bad_files_raise_one_clear_error(tmp_path: Path, xray_files: list[Path]) -> None:
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image at all")
+    truncated = tmp_path / "truncated.jpeg"
+    truncated.write_bytes(xray_files[0].read_bytes()[:600])
+    tiny = tmp_path / "tiny.png"
+    Image.new("L", (1, 1)).save(tiny)
+    animated = tmp_path / "anim.gif"
+    frames = [Image.new("L", (64, 64), v) for v in (0, 128)]
+    frames[0].save(animated, save_all=True, append_images=frames[1:])
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header_only(60000, 60000))
+    big = tmp_path / "big.png"
+    big.write_bytes(_png_header_only(9000, 9000))  # under Pillow's own limit, over ours
+    cases = {
+        empty: "empty",
+        text: "not a supported image",
+        truncated: "truncated",
+        tiny: "too small",
+        animated: "multi-frame",
+        bomb: "exceeds the limit",
+        big: "exceeds the limit",
+        tmp_path / "missing.png": "not found",
+        tmp_path: "folder",
+    }
+    for path, phrase in cases.items():
+        with pytest.raises(ImageReadError) as info:
+            reader.read_image(path)
+        message = str(info.value)
+        assert phrase in message and str(path) in message and "\n" not in message

