@@ -1,9 +1,11 @@
-"""Copy trained model folders into the package as its bundled models, weights stored in fp16.
+"""Make trained model folders the package's bundled models, with weights stored in fp16.
 
-    python tools/bundle_models.py runs/benchmark            # dense, cnn and transfer
-    python tools/bundle_models.py runs/benchmark transfer   # only one
+    python tools/bundle_models.py DATA_DIR runs/benchmark            # dense, cnn and transfer
+    python tools/bundle_models.py DATA_DIR runs/benchmark transfer   # only one
 
-The README's results table comes from `pneumoscan evaluate` on the bundled models afterwards.
+After the conversion the guard, calibration and thresholds are fit again on the model's own
+validation split, so they belong to the fp16 weights that ship. The README's results table
+then comes from `make run`.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from pneumoscan import bundle
+from pneumoscan import bundle, train
 from pneumoscan.models import MODEL_NAMES
 
 
-def main(source: Path, names: list[str]) -> None:
+def main(data_root: Path, source: Path, names: list[str]) -> None:
     for name in names:
         model = bundle.load(source / name)
         meta = {
@@ -26,10 +28,15 @@ def main(source: Path, names: list[str]) -> None:
             if k not in ("weights", "versions", "format_version")
         }
         target = bundle.bundled_dir() / name
-        bundle.save(target, model.network, meta, dtype=torch.float16)
-        size = (target / bundle.WEIGHTS_FILE).stat().st_size / 2**20
-        print(f"{source / name} -> {target} ({size:.1f} MiB)")
+        bundle.save(target, model.network, meta, dtype=torch.float16, ood=model.scorer.guard)
+        shipped = train.fit_postprocessing(bundle.load(target), data_root)
+        size = sum(p.stat().st_size for p in target.glob("*.safetensors")) / 2**20
+        points = shipped.meta["operating_points"]
+        print(
+            f"{source / name} -> {target} ({size:.1f} MiB); validation AUC {shipped.meta['validation']['auc']:.4f}, "
+            + ", ".join(f"{k} threshold {v['threshold']:.3f}" for k, v in points.items())
+        )
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:] or list(MODEL_NAMES))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:] or list(MODEL_NAMES))

@@ -227,6 +227,32 @@ def export(
     )
 
 
+@app.command()
+def serve(
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every network interface)."
+    ),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
+    model: str = typer.Option(
+        "transfer", "--model", help="Bundled model (dense, cnn, transfer) or a model folder."
+    ),
+    max_file_mb: float = typer.Option(
+        20, "--max-file-mb", min=0.001, help="Largest accepted upload, per file, in MB."
+    ),
+) -> None:
+    """Serve the screening page at / and the JSON API at /api/v1 (documented at /docs)."""
+    import uvicorn
+
+    from pneumoscan import serve as service
+
+    web = service.create_app(model, max_file_bytes=round(max_file_mb * service.MB))
+    _stderr(
+        f"serving the {web.state.model.name} model on http://{host}:{port}/ (API docs at /docs); "
+        "research tool, not a medical device"
+    )
+    uvicorn.run(web, host=host, port=port)
+
+
 def main() -> None:
     """Console entry point: user mistakes become one line on stderr and exit code 1."""
     import click

@@ -68,7 +68,7 @@ def heatmap(model: bundle.LoadedModel, image: np.ndarray) -> np.ndarray:
         )
     network = model.network
     layer = target_layer(network.head)
-    x = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255.0)[None, None]
+    x = torch.from_numpy(np.array(image, dtype=np.uint8)).float().div_(255.0)[None, None]
     # GradCAM switches the network to eval mode; the caller's modes are put back afterwards.
     modes = [(m, m.training) for m in network.modules()]
     cam = None
@@ -96,7 +96,7 @@ def overlay_png(
     threshold: float,
     max_side: int = 512,
 ) -> bytes:
-    """The X-ray with the heatmap blended over it and the result as a caption, as PNG bytes.
+    """The X-ray, scaled to `max_side`, with the heatmap blended over it and a caption: PNG bytes.
 
     `original` is the full-resolution greyscale image; `label` None means the image was not
     scored (not a chest X-ray).
@@ -104,7 +104,8 @@ def overlay_png(
     import matplotlib
 
     height, width = original.shape
-    scale = min(1.0, max_side / max(height, width))
+    # Small images are enlarged too: at 224 pixels (the data set's size) a caption is unreadable.
+    scale = max_side / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     grey = np.asarray(
         Image.fromarray(original).resize(size, Image.Resampling.LANCZOS), dtype=np.float32
@@ -132,7 +133,7 @@ def _caption(canvas: Image.Image, text: str) -> None:
     while font_size > 8 and draw.textlength(text, font=font) > width - 2 * margin:
         font_size -= 1
         font = ImageFont.load_default(size=font_size)
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    left, top, _, bottom = draw.textbbox((0, 0), text, font=font)
     strip = bottom - top + 2 * margin
     # Translucent so the lung bases under the strip still show faintly.
     draw.rectangle((0, height - strip, width, height), fill=(0, 0, 0, 200))

@@ -11,7 +11,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +37,12 @@ class Prediction:
     ood: bool | None = None
     ood_score: float | None = None
     error: str | None = None
-    heatmap: str | None = None
+    heatmap: str | None = None  # the PNG's path, when written to a folder
+    heatmap_png: bytes | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         out = asdict(self)
+        del out["heatmap_png"]
         if out["heatmap"] is None:
             del out["heatmap"]
         return out
@@ -69,38 +71,49 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
+Source = Path | tuple[str, bytes]  # a file, or (name, content) of an upload held in memory
+
+
 @dataclass
 class _Decoded:
-    path: Path
+    name: str
+    stem: str
     image: np.ndarray | None = None  # model-ready (S, S)
     original: np.ndarray | None = None  # full resolution, kept only for heatmaps
     error: str | None = None
 
 
-def _decode(path: Path, size: int, keep_original: bool) -> _Decoded:
+def _decode(source: Source, size: int, keep_original: bool) -> _Decoded:
+    name, content = (source[0], source[1]) if isinstance(source, tuple) else (str(source), source)
+    stem = Path(name).stem or "image"
     try:
-        original = reader.read_image(path)
+        original = reader.read_image(content, name=name)
         image = reader.resize(original, size)
-        return _Decoded(path, image, original if keep_original else None)
+        return _Decoded(name, stem, image, original if keep_original else None)
     except ImageReadError as exc:
-        return _Decoded(path, error=str(exc))
+        return _Decoded(name, stem, error=str(exc))
     except MemoryError:
-        return _Decoded(path, error=f"{path}: not enough memory to decode this image")
+        return _Decoded(name, stem, error=f"{name}: not enough memory to decode this image")
 
 
 def predict(
     model: LoadedModel,
-    files: Iterable[Path],
+    files: Iterable[Source],
     mode: str = "detection",
     batch_size: int = 32,
     workers: int | None = None,
     heatmaps: Path | None = None,
     raw_scores: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
+    explain: bool = False,
 ) -> Iterator[Prediction]:
-    """Score files in order, yielding one Prediction each as soon as its batch is done."""
+    """Score files (or in-memory uploads) in order, yielding each result once its batch is done.
+
+    `explain` attaches a Grad-CAM overlay PNG to each scored result; `heatmaps` also writes it
+    into that folder.
+    """
     threshold = model.threshold(mode)
     score = raw_scores or model.raw_scores
-    writer = _HeatmapWriter(model, heatmaps) if heatmaps is not None else None
+    writer = _HeatmapWriter(model, heatmaps) if heatmaps is not None or explain else None
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
         in_flight: deque[list[Future[_Decoded]]] = deque()
@@ -130,7 +143,7 @@ def _score(model, futures, score, mode, threshold, writer) -> Iterator[Predictio
             ood = bool(ood_limit is not None and dist > ood_limit)
             label = None if ood else model.class_names[int(p >= threshold)]
             results[id(d)] = Prediction(
-                file=str(d.path),
+                file=d.name,
                 probability=float(p),
                 label=label,
                 threshold=threshold,
@@ -140,7 +153,7 @@ def _score(model, futures, score, mode, threshold, writer) -> Iterator[Predictio
             )
     for d in decoded:
         if d.image is None:
-            yield Prediction(file=str(d.path), threshold=threshold, mode=mode, error=d.error)
+            yield Prediction(file=d.name, threshold=threshold, mode=mode, error=d.error)
             continue
         result = results[id(d)]
         if writer is not None:
@@ -149,17 +162,18 @@ def _score(model, futures, score, mode, threshold, writer) -> Iterator[Predictio
 
 
 class _HeatmapWriter:
-    """One PNG per scored image; never overwrites a file that is already there."""
+    """One overlay PNG per scored image; a file written never replaces one already there."""
 
-    def __init__(self, model: LoadedModel, folder: Path):
+    def __init__(self, model: LoadedModel, folder: Path | None):
         if model.meta["architecture"] not in ("cnn", "transfer"):
             raise PneumoscanError(
                 f"--heatmaps: the {model.meta['architecture']} model has no spatial layer; "
                 "use --model cnn or --model transfer"
             )
-        if folder.exists() and not folder.is_dir():
-            raise PneumoscanError(f"--heatmaps {folder}: exists and is not a folder")
-        folder.mkdir(parents=True, exist_ok=True)
+        if folder is not None:
+            if folder.exists() and not folder.is_dir():
+                raise PneumoscanError(f"--heatmaps {folder}: exists and is not a folder")
+            folder.mkdir(parents=True, exist_ok=True)
         self.model = model
         self.folder = folder
 
@@ -167,17 +181,19 @@ class _HeatmapWriter:
         from pneumoscan import explain
 
         cam = explain.heatmap(self.model, decoded.image)
-        png = explain.overlay_png(
+        result.heatmap_png = explain.overlay_png(
             decoded.original, cam, result.probability, result.label, result.threshold
         )
-        target = self.folder / f"{decoded.path.stem}_heatmap.png"
+        if self.folder is None:
+            return
+        target = self.folder / f"{decoded.stem}_heatmap.png"
         n = 1
         while True:
             try:
                 with target.open("xb") as handle:  # exclusive create: never clobber a file
-                    handle.write(png)
+                    handle.write(result.heatmap_png)
                 break
             except FileExistsError:
                 n += 1
-                target = self.folder / f"{decoded.path.stem}_heatmap-{n}.png"
+                target = self.folder / f"{decoded.stem}_heatmap-{n}.png"
         result.heatmap = str(target)

@@ -23,18 +23,20 @@ def print_evaluations(results: list[Evaluation]) -> None:
     table = Table(
         title=f"Results ({results[0].split} split, n={results[0].n})" if results else "Results"
     )
-    for column in (
+    columns = (
         "model",
         "AUC (95% CI)",
+        "ECE",
         "point",
-        "threshold",
-        "accuracy",
-        "sensitivity",
-        "specificity",
-        "precision",
+        "thresh",
+        "acc",
+        "sens",
+        "spec",
+        "prec",
         "F1",
         "TP/FP/TN/FN",
-    ):
+    )
+    for column in columns:
         table.add_column(column, justify="left" if column in ("model", "point") else "right")
     for r in results:
         for i, (name, p) in enumerate(r.operating_points.items()):

@@ -259,7 +259,7 @@ def train(
         x = to_input(d.images[d.train_idx[idx_positions]], device)
         return augment(x, cfg.augment, gen)
 
-    def validate() -> tuple[float, float, np.ndarray]:
+    def validate() -> tuple[float, float]:
         network.eval()
         logits = []
         with torch.no_grad(), _autocast(device):
@@ -276,7 +276,7 @@ def train(
         loss = float(
             F.binary_cross_entropy_with_logits(z, y, weight=class_weight.cpu()[val_labels])
         )
-        return loss, metrics.auc(val_labels, z.numpy()), z.numpy()
+        return loss, metrics.auc(val_labels, z.numpy())
 
     epochs = cfg.epochs if cfg.max_steps is None else math.ceil(cfg.max_steps / steps_per_epoch)
     stop = False
@@ -308,7 +308,7 @@ def train(
                 stop = True
                 break
         bar.close()
-        val_loss, val_auc, _ = validate()
+        val_loss, val_auc = validate()
         improved = val_auc > state["best_auc"]
         if improved:
             state.update(
@@ -338,25 +338,26 @@ def train(
             break
 
     network.load_state_dict(state["best_state"])
-    _, val_auc, val_logits = validate()
-    meta = _calibrate_and_describe(
-        cfg, d, val_labels, val_logits, val_auc, state, device, time.perf_counter() - start_time
-    )
+    meta = _describe(cfg, d, state, device, time.perf_counter() - start_time)
     network.to("cpu")
     bundle.save(out_dir, network, meta)
-    loaded = fit_guard(bundle.load(out_dir), data_root, device)
+    loaded = fit_postprocessing(bundle.load(out_dir), data_root)
+    ood = loaded.meta["ood"]
     log(
-        f"saved {out_dir} (best epoch {state['best_epoch']}, validation AUC {val_auc:.4f}; "
-        f"guard passes {loaded.meta['ood']['validation_pass_rate']:.1%} of validation X-rays)"
+        f"saved {out_dir} (best epoch {state['best_epoch']}, validation AUC "
+        f"{loaded.meta['validation']['auc']:.4f}; guard passes {ood['validation_pass_rate']:.1%} "
+        "of validation X-rays)"
     )
     return loaded
 
 
-def fit_guard(
-    model: bundle.LoadedModel, data_root: Path, device: torch.device | None = None
-) -> bundle.LoadedModel:
-    """Fit the not-a-chest-X-ray guard on the model's own training split; rewrite its folder."""
-    device = device or torch.device("cpu")
+def fit_postprocessing(model: bundle.LoadedModel, data_root: Path) -> bundle.LoadedModel:
+    """Fit what follows the network on the model's own split, through the inference path.
+
+    The not-a-chest-X-ray guard on training images; then, on validation, Platt calibration and
+    the two operating points. Run after training, and again after a model's weights are
+    converted (e.g. to fp16 for bundling), so the thresholds match the weights that ship.
+    """
     cfg = TrainConfig(**model.meta["training"]["config"])
     d = _prepare_data(Path(data_root), cfg)
     if d.fingerprint != model.meta["data"]["fingerprint"]:
@@ -369,19 +370,27 @@ def fit_guard(
         from pneumoscan.models import imagenet_trunk
 
         trunk = imagenet_trunk(guard.FROZEN_STAGES)
-    trunk = trunk.to(device).to(memory_format=torch.channels_last)
+    trunk = trunk.to(memory_format=torch.channels_last)
 
     def pooled(idx: np.ndarray) -> np.ndarray:
-        features = _trunk_features(trunk, d.images, idx, device, cfg.batch_size)
-        return guard.Guard.pool(features).cpu().numpy()
+        features = _trunk_features(trunk, d.images, idx, torch.device("cpu"), cfg.batch_size)
+        return guard.Guard.pool(features).numpy()
 
-    ood, threshold, pass_rate = guard.fit(pooled(d.train_idx), pooled(d.val_idx))
+    ood, ood_threshold, pass_rate = guard.fit(pooled(d.train_idx), pooled(d.val_idx))
+    val_labels = d.labels[d.val_idx]
+    val_logits, _ = model.raw_scores(d.images[d.val_idx])
     meta = {
         k: v for k, v in model.meta.items() if k not in ("weights", "versions", "format_version")
     }
+    meta.update(_operating_points(val_labels, val_logits))
+    meta["validation"] = {
+        "auc": metrics.auc(val_labels, val_logits),
+        "n": len(val_labels),
+        "patients": d.n_val_patients,
+    }
     meta["ood"] = {
         "method": guard.DESCRIPTION,
-        "threshold": threshold,
+        "threshold": ood_threshold,
         "validation_pass_rate": pass_rate,
     }
     bundle.save(
@@ -394,30 +403,30 @@ def fit_guard(
     return bundle.load(model.folder)
 
 
-def _calibrate_and_describe(cfg, d, val_labels, val_logits, val_auc, state, device, wall) -> dict:
+def _operating_points(val_labels: np.ndarray, val_logits: np.ndarray) -> dict:
+    """Platt calibration and both thresholds, all from validation."""
     scale, bias = metrics.fit_platt(val_labels, val_logits)
     raw = metrics.sigmoid(val_logits)
     probs = metrics.sigmoid(scale * val_logits + bias)
-    thresholds = {
-        "balanced": metrics.youden_threshold(val_labels, probs),
-        "detection": metrics.detection_threshold(val_labels, probs),
+    balanced = metrics.youden_threshold(val_labels, probs)
+    # Detection trades accuracy for sensitivity, so it is never less sensitive than balanced.
+    detection = min(metrics.detection_threshold(val_labels, probs), balanced)
+    rules = {
+        "balanced": (balanced, "max Youden's J on validation"),
+        "detection": (
+            detection,
+            f"highest threshold with validation sensitivity >= {metrics.DETECTION_SENSITIVITY}"
+            " (and at most the balanced threshold)",
+        ),
     }
     return {
-        "name": cfg.model,
-        "architecture": cfg.model,
-        "input_size": cfg.image_size,
-        "model_args": cfg.model_args,
-        "class_names": d.class_names,
-        "positive_class": d.class_names[1],
         "operating_points": {
             name: {
                 "threshold": t,
-                "rule": "max Youden's J on validation"
-                if name == "balanced"
-                else f"highest threshold with validation sensitivity >= {metrics.DETECTION_SENSITIVITY}",
+                "rule": rule,
                 "validation": metrics.point_metrics(val_labels, probs, t).to_dict(),
             }
-            for name, t in thresholds.items()
+            for name, (t, rule) in rules.items()
         },
         "calibration": {
             "method": "Platt scaling of the logit, fit on validation",
@@ -426,7 +435,18 @@ def _calibrate_and_describe(cfg, d, val_labels, val_logits, val_auc, state, devi
             "validation_ece_before": metrics.expected_calibration_error(val_labels, raw),
             "validation_ece_after": metrics.expected_calibration_error(val_labels, probs),
         },
-        "validation": {"auc": val_auc, "n": len(val_labels), "patients": d.n_val_patients},
+    }
+
+
+def _describe(cfg: TrainConfig, d: _Data, state: dict, device: torch.device, wall: float) -> dict:
+    """What model.json says about the network and its training (post-fitting adds the rest)."""
+    return {
+        "name": cfg.model,
+        "architecture": cfg.model,
+        "input_size": cfg.image_size,
+        "model_args": cfg.model_args,
+        "class_names": d.class_names,
+        "positive_class": d.class_names[1],
         "training": {
             "config": asdict(cfg),
             "best_epoch": state["best_epoch"],

@@ -1,0 +1,192 @@
+"""The web app: a JSON API and a one-page screening tool over the same `predict` as the CLI.
+
+The model is loaded once, when the app is created. Uploads are read into memory and scored in
+a worker thread, one request at a time (a lock: Grad-CAM hooks into the network, and torch
+modules are not guaranteed re-entrant); nothing from a request outlives its response.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from importlib import resources
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pneumoscan import __version__, bundle
+from pneumoscan import predict as screening
+from pneumoscan.errors import PneumoscanError
+
+MB = 1024 * 1024
+MAX_FILE_BYTES = 20 * MB
+MAX_FILES = 20
+PART_OVERHEAD = 16 * 1024  # a multipart part's boundary and headers, generously
+STATIC = Path(str(resources.files("pneumoscan") / "static"))
+# The page loads nothing from elsewhere; thumbnails are object URLs, heatmaps data URLs.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def create_app(
+    model: str | Path, max_file_bytes: int = MAX_FILE_BYTES, max_files: int = MAX_FILES
+) -> FastAPI:
+    """The app serving `model` (a bundled name or a model folder); loads it now, once."""
+    loaded = bundle.load(model)
+    card = model_card(loaded, max_file_bytes, max_files)
+    lock = threading.Lock()
+    app = FastAPI(
+        title="pneumoscan",
+        version=__version__,
+        description="Pneumonia detection in chest X-rays. Research tool, not a medical device.",
+    )
+    app.state.model = loaded
+    app.add_middleware(BodyLimit, max_bytes=max_files * (max_file_bytes + PART_OVERHEAD))
+
+    def score(sources: list[tuple[str, bytes]], mode: str, heatmap: bool) -> list[dict]:
+        with lock:
+            results = list(screening.predict(loaded, sources, mode, explain=heatmap))
+        return [_result(r) for r in results]
+
+    @app.post("/api/v1/predict")
+    async def predict(
+        files: list[UploadFile] = File(..., description="Chest X-rays: JPEG, PNG or DICOM."),
+        mode: Literal["detection", "balanced"] = Query(
+            "detection", description="Operating point: detection (sensitive) or balanced."
+        ),
+        heatmap: bool = Query(False, description="Attach a Grad-CAM overlay PNG (base64)."),
+    ) -> dict:
+        """Score each uploaded file; a file that is not a readable image gets an `error`."""
+        try:
+            if len(files) > max_files:
+                raise HTTPException(413, f"too many files: at most {max_files} per request")
+            sources = []
+            for i, upload in enumerate(files, 1):
+                name = _client_name(upload.filename, i)
+                content = await upload.read(max_file_bytes + 1)
+                if len(content) > max_file_bytes:
+                    raise HTTPException(413, f"{name}: larger than {_size(max_file_bytes)}")
+                sources.append((name, content))
+        finally:
+            for upload in files:
+                await upload.close()
+        try:
+            results = await run_in_threadpool(score, sources, mode, heatmap)
+        except PneumoscanError as exc:
+            raise HTTPException(400, str(exc)) from None
+        if all(r["error"] is not None for r in results):
+            reasons = "; ".join(r["error"] for r in results)
+            raise HTTPException(415, f"no readable image (JPEG, PNG or DICOM): {reasons}")
+        return {"model": loaded.name, "results": results}
+
+    @app.get("/api/v1/health")
+    def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/api/v1/model")
+    def model_info() -> dict:
+        """The model card: what the model is, its operating points and how they were chosen."""
+        return card
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def model_card(loaded: bundle.LoadedModel, max_file_bytes: int, max_files: int) -> dict:
+    """What model.json says about a model that its users need, plus this server's limits."""
+    meta = loaded.meta
+    test = meta.get("test") or {}
+    ood = meta.get("ood")
+    points = {}
+    for name, point in meta["operating_points"].items():
+        points[name] = {
+            "threshold": point["threshold"],
+            "rule": point.get("rule"),
+            "validation": point.get("validation"),
+        }
+        if name in test.get("operating_points", {}):
+            points[name]["test"] = test["operating_points"][name]
+    card = {
+        "name": loaded.name,
+        "architecture": meta["architecture"],
+        "input_size": loaded.input_size,
+        "class_names": loaded.class_names,
+        "operating_points": points,
+        "validation": meta.get("validation"),
+        "calibration": meta.get("calibration"),
+        "ood": None
+        if ood is None
+        else {k: ood.get(k) for k in ("threshold", "validation_pass_rate", "method")},
+        "pneumoscan_version": __version__,
+        "format_version": meta["format_version"],
+        "limits": {"max_file_bytes": max_file_bytes, "max_files": max_files},
+    }
+    if test:
+        card["test"] = {k: v for k, v in test.items() if k != "operating_points"}
+    return card
+
+
+def _result(prediction: screening.Prediction) -> dict:
+    out = prediction.to_dict()
+    png = prediction.heatmap_png
+    out["heatmap_png"] = base64.b64encode(png).decode("ascii") if png is not None else None
+    return out
+
+
+def _client_name(filename: str | None, index: int) -> str:
+    """The file's own name: browsers may send a path (Windows ones too), which is not ours."""
+    name = PurePosixPath((filename or "").replace("\\", "/")).name
+    return name or f"upload-{index}"
+
+
+def _size(n: int) -> str:
+    return f"{n / MB:g} MB" if n >= MB else f"{n:,} bytes"
+
+
+class BodyLimit:
+    """413 for a request body over `max_bytes`: refused from Content-Length before reading when
+    it is declared, and counted as it arrives, so a missing or false Content-Length is caught too.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        detail = f"request larger than {_size(self.max_bytes)}"
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await JSONResponse({"detail": detail}, 413)(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # An HTTPException passes through FastAPI's body parsing as itself.
+                    raise HTTPException(413, detail)
+            return message
+
+        await self.app(scope, counted, send)
