@@ -53,7 +53,12 @@ def main() -> None:
     blobs = [torchvision.io.read_file(str(p)) for p in files]
 
     def run(images_uint8: torch.Tensor) -> None:
-        x = images_uint8.unsqueeze(1).float().div_(255).contiguous(memory_format=torch.channels_last)
+        x = (
+            images_uint8.unsqueeze(1)
+            .float()
+            .div_(255)
+            .contiguous(memory_format=torch.channels_last)
+        )
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             for start in range(0, len(x), args.batch):
                 scorer(x[start : start + args.batch])
@@ -71,22 +76,32 @@ def main() -> None:
                 batch_blobs[start : start + args.batch], mode=ImageReadMode.GRAY, device="cuda"
             )
             resized = torch.cat(
-                [F.interpolate(d[None].float(), size=(size, size), mode="bilinear", antialias=True) for d in decoded]
+                [
+                    F.interpolate(
+                        d[None].float(), size=(size, size), mode="bilinear", antialias=True
+                    )
+                    for d in decoded
+                ]
             )
             run(resized[:, 0].clamp_(0, 255).to(torch.uint8))
 
     from_jpeg = len(batch_blobs) / timed(decode_and_run)
-    print(json.dumps({
-        "device": torch.cuda.get_device_name(),
-        "model": model.name,
-        "input": size,
-        "batch": args.batch,
-        "compiled": args.compile,
-        "images_per_s_from_tensors": round(from_tensors),
-        "images_per_s_from_jpeg_bytes": round(from_jpeg),
-        "jpeg_files": len(files),
-        "torch": torch.__version__,
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "device": torch.cuda.get_device_name(),
+                "model": model.name,
+                "input": size,
+                "batch": args.batch,
+                "compiled": args.compile,
+                "images_per_s_from_tensors": round(from_tensors),
+                "images_per_s_from_jpeg_bytes": round(from_jpeg),
+                "jpeg_files": len(files),
+                "torch": torch.__version__,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -40,23 +40,30 @@ def main() -> None:
         rates = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            n = sum(1 for _ in predict.predict(model, files, batch_size=args.batch_size, raw_scores=scores))
+            n = sum(
+                1
+                for _ in predict.predict(
+                    model, files, batch_size=args.batch_size, raw_scores=scores
+                )
+            )
             rates.append(n / (time.perf_counter() - start))
         latencies = []
         for f in files[: args.latency_files]:
             start = time.perf_counter()
             next(predict.predict(model, [f], batch_size=1, workers=1, raw_scores=scores))
             latencies.append((time.perf_counter() - start) * 1000)
-        rows.append({
-            "model": model.name,
-            "backend": name,
-            "files": len(files),
-            "images_per_s": round(statistics.median(rates), 1),
-            "latency_ms_p50": round(float(np.percentile(latencies, 50)), 1),
-            "latency_ms_p95": round(float(np.percentile(latencies, 95)), 1),
-            "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(),
-        })
+        rows.append(
+            {
+                "model": model.name,
+                "backend": name,
+                "files": len(files),
+                "images_per_s": round(statistics.median(rates), 1),
+                "latency_ms_p50": round(float(np.percentile(latencies, 50)), 1),
+                "latency_ms_p95": round(float(np.percentile(latencies, 95)), 1),
+                "threads": torch.get_num_threads(),
+                "cpus": os.cpu_count(),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     ratio = rows[1]["images_per_s"] / rows[0]["images_per_s"]
     print(f"onnx / torch throughput: {ratio:.2f}x")

@@ -49,10 +49,14 @@ def target_layer(head: nn.Sequential) -> nn.Module:
     return layers[index]
 
 
-def heatmap(model: bundle.LoadedModel, image: np.ndarray) -> np.ndarray:
-    """Grad-CAM map of the PNEUMONIA logit: float32 (S, S) in [0, 1] for a uint8 (S, S) image."""
+def heatmap(model: bundle.LoadedModel, image: np.ndarray, label: str | None = None) -> np.ndarray:
+    """Grad-CAM map of the evidence for `label` (default PNEUMONIA): float32 (S, S) in [0, 1].
+
+    `image` is the model-ready uint8 (S, S) array. For a NORMAL result the map shows the
+    evidence for NORMAL (the negated logit): the PNEUMONIA map of a clear chest is often empty.
+    """
     from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
     architecture = model.meta["architecture"]
     if architecture not in SPATIAL_ARCHITECTURES:
@@ -75,7 +79,8 @@ def heatmap(model: bundle.LoadedModel, image: np.ndarray) -> np.ndarray:
     try:
         # Gradients are needed even when the caller scores under torch.no_grad().
         with torch.enable_grad(), GradCAM(model=_OneLogit(network), target_layers=[layer]) as gc:
-            cam = gc(input_tensor=x, targets=[ClassifierOutputTarget(0)])
+            positive = label is None or label == model.class_names[1]
+            cam = gc(input_tensor=x, targets=[BinaryClassifierOutputTarget(int(positive))])
     finally:
         for module, training in modes:
             module.training = training

@@ -50,7 +50,7 @@ def fit(train_pooled: np.ndarray, val_pooled: np.ndarray) -> tuple[Guard, float,
     guard.precision.copy_(torch.from_numpy(estimate.precision_).float())
     with torch.no_grad():
         val_scores = _distance(guard, val_pooled)
-    threshold = float(np.quantile(val_scores, PASS_QUANTILE))
+    threshold = float(np.quantile(val_scores, PASS_QUANTILE, method="higher"))
     return guard, threshold, float((val_scores <= threshold).mean())
 
 

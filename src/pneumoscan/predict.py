@@ -180,7 +180,7 @@ class _HeatmapWriter:
     def write(self, decoded: _Decoded, result: Prediction) -> None:
         from pneumoscan import explain
 
-        cam = explain.heatmap(self.model, decoded.image)
+        cam = explain.heatmap(self.model, decoded.image, result.label)
         result.heatmap_png = explain.overlay_png(
             decoded.original, cam, result.probability, result.label, result.threshold
         )

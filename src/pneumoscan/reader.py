@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 MAX_PIXELS = 50_000_000  # ~7000x7000: larger than any radiograph, smaller than a bomb
 MIN_SIDE = 16
+DATASET_SIDE = 224  # every training image is 224x224 (the originals squashed with Lanczos)
 
 
 def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
@@ -239,10 +240,17 @@ def _scale(arr: np.ndarray, full: float) -> np.ndarray:
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Squash the whole frame to size x size (no crop), as the data set itself was made."""
+    """Squash the whole frame to size x size (no crop), as the data set itself was made.
+
+    A frame larger than the data set's 224 px is first brought to 224 px the way the data set's
+    images were made from their originals (Lanczos), so a full-resolution radiograph reaches
+    the model through the same resampling as the training images did.
+    """
     if image.shape == (size, size):
         return image
     pil = Image.fromarray(image)
+    if size <= DATASET_SIDE < max(image.shape):
+        pil = pil.resize((DATASET_SIDE, DATASET_SIDE), Image.Resampling.LANCZOS)
     return np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 

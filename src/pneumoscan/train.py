@@ -68,9 +68,11 @@ def load_config(model: str, path: Path | None = None, **overrides) -> TrainConfi
 
 
 def augment(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> torch.Tensor:
-    """Random small rotation, shift, scale, brightness and contrast, per image.
+    """Random small rotation, shift, scale, brightness, contrast, sharpness and noise, per image.
 
     No left-right flip: the heart sits on the left, and a mirrored chest is not a real X-ray.
+    Sharpness (a blend towards or away from a blurred copy) and faint noise stand for the
+    scanners, resamplings and re-encodings an image meets before it reaches the model.
     """
     if not cfg:
         return x
@@ -91,6 +93,12 @@ def augment(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> torch.Tensor:
     x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * contrast.to(x).view(-1, 1, 1, 1) + mean + brightness.to(x).view(-1, 1, 1, 1)
+    if cfg.get("sharpness"):
+        blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        x = x + uniform(cfg["sharpness"]).to(x).view(-1, 1, 1, 1) * (blurred - x)
+    if cfg.get("noise"):
+        sigma = torch.rand(n, generator=gen) * cfg["noise"]
+        x = x + torch.randn(x.shape, generator=gen).to(x) * sigma.to(x).view(-1, 1, 1, 1)
     return x.clamp_(0, 1)
 
 

@@ -332,7 +332,8 @@
   function probabilityBar(r) {
     const p = Math.min(1, Math.max(0, r.probability));
     const t = Math.min(1, Math.max(0, r.threshold));
-    const fill = h("div", { class: `bar-fill${p >= t ? " above" : ""}` });
+    const tone = r.ood ? " unscored" : p >= t ? " above" : ""; // grey: no label, no alarm colour
+    const fill = h("div", { class: `bar-fill${tone}` });
     fill.style.width = `${(p * 100).toFixed(1)}%`;
     const mark = h("div", { class: "bar-mark", title: `threshold ${fmt(t)}` });
     mark.style.left = `${(t * 100).toFixed(1)}%`;
