@@ -35,12 +35,12 @@ browser:
 	@command -v chromium >/dev/null || echo "chromium could not be installed; the browser test will be skipped"
 
 lint: $(BIN)/pneumoscan
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench tools
+	$(BIN)/ruff format --check src tests bench tools
 
 format: $(BIN)/pneumoscan
-	$(BIN)/ruff format src tests bench
-	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench tools
+	$(BIN)/ruff check --fix src tests bench tools
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

@@ -107,7 +107,7 @@ def load_images(split: Split, size: int, workers: int | None = None) -> tuple[np
 
     Unreadable files are named in a warning and dropped: the returned Split lists the kept ones.
     """
-    key = f"{fingerprint(split.files)}-{size}"
+    key = f"{fingerprint(split.files)}-{size}-r{reader.VERSION}"
     directory = cache_dir()
     array_path, meta_path = directory / f"{key}.npy", directory / f"{key}.json"
     if array_path.exists() and meta_path.exists():

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 MAX_PIXELS = 50_000_000  # ~7000x7000: larger than any radiograph, smaller than a bomb
 MIN_SIDE = 16
+VERSION = 1  # bump when read_image or resize changes the pixels: it keys the decode cache
 DATASET_SIDE = 224  # every training image is 224x224 (the originals squashed with Lanczos)
 
 
