@@ -3,6 +3,8 @@
     python bench/sweep.py --data DIR --model transfer --vary model_args.trainable_blocks=0,1,2 --seeds 0,1,2
 
 The test split is never read here: choices between recipes are made on these numbers.
+`noise_dp_*` is the change of probability on validation images when faint noise (1 grey
+level sd) is added: a screening model should not answer pixel noise.
 """
 
 from __future__ import annotations
@@ -14,9 +16,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from pneumoscan import train
+
+
+def noise_sensitivity(model, images: np.ndarray) -> np.ndarray:
+    noisy = np.rint(images + np.random.default_rng(0).normal(0, 1, images.shape))
+    return np.abs(
+        model.probabilities(np.clip(noisy, 0, 255).astype(np.uint8)) - model.probabilities(images)
+    )
 
 
 def main() -> None:
@@ -32,7 +42,7 @@ def main() -> None:
     key, values = args.vary.split("=", 1)
     for raw in values.split(","):
         value = yaml.safe_load(raw)
-        aucs, losses, walls = [], [], []
+        aucs, losses, walls, noise_mean, noise_p99 = [], [], [], [], []
         for seed in (int(s) for s in args.seeds.split(",")):
             cfg = train.load_config(args.model, seed=seed)
             target = cfg.__dict__
@@ -46,6 +56,10 @@ def main() -> None:
                     cfg, args.data, Path(out), args.device, log=lambda _: None, progress=False
                 )
             walls.append(time.perf_counter() - start)
+            d = train._prepare_data(args.data, cfg)
+            dp = noise_sensitivity(model, np.asarray(d.images[d.val_idx]))
+            noise_mean.append(float(dp.mean()))
+            noise_p99.append(float(np.quantile(dp, 0.99)))
             history = model.meta["training"]["history"]
             best = model.meta["training"]["best_epoch"]
             aucs.append(model.meta["validation"]["auc"])
@@ -61,6 +75,8 @@ def main() -> None:
                     "val_loss_mean": round(statistics.mean(losses), 4),
                     "val_loss_sd": round(statistics.stdev(losses), 4),
                     "wall_s_mean": round(statistics.mean(walls), 1),
+                    "noise_dp_mean": round(statistics.mean(noise_mean), 4),
+                    "noise_dp_p99": round(statistics.mean(noise_p99), 4),
                 }
             ),
             flush=True,

@@ -48,3 +48,13 @@ def test_transfer_holds_the_real_imagenet_weights() -> None:
 def test_frozen_trunk_stays_in_eval_mode_while_training() -> None:
     model = create_model("transfer").train()
     assert not model.trunk.training and model.head.training
+
+
+def test_input_blur_keeps_flat_images_and_damps_pixel_noise() -> None:
+    from pneumoscan.models import Standardize
+
+    plain, blurred = Standardize((0.5,), (0.25,)), Standardize((0.5,), (0.25,), blur=1.0)
+    flat = torch.full((1, 1, 32, 32), 0.7)
+    assert torch.allclose(blurred(flat), plain(flat), atol=1e-6)
+    noise = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(0)) * 0.01 + 0.5
+    assert blurred(noise).std() < plain(noise).std() / 2

@@ -9,6 +9,7 @@ once per image and cache it.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 MODEL_NAMES = ("dense", "cnn", "transfer")
@@ -38,20 +39,37 @@ class Classifier(nn.Module):
 
 
 class Standardize(nn.Module):
-    """Map [0, 1] greyscale to the input statistics a network expects."""
+    """Map [0, 1] greyscale to the input statistics a network expects.
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+    `blur` (a Gaussian's sigma in pixels) low-passes the image first: a decision should not
+    hang on pixel-level noise, which differs between scanners, encoders and resamplings.
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], blur: float = 0.0):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        radius = max(1, round(2 * blur))
+        taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1) / max(blur, 1e-6)) ** 2)
+        self.register_buffer("taps", (taps / taps.sum()).view(1, 1, 1, -1), persistent=False)
+        self.blur = blur
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blur > 0:
+            pad = self.taps.shape[-1] // 2
+            x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="replicate"), self.taps)
+            x = F.conv2d(F.pad(x, (0, 0, pad, pad), mode="replicate"), self.taps.transpose(2, 3))
         return (x.expand(-1, self.mean.shape[1], -1, -1) - self.mean) / self.std
 
 
-def dense(image_size: int, hidden: tuple[int, ...] = (128, 64), dropout: float = 0.3) -> Classifier:
+def dense(
+    image_size: int,
+    hidden: tuple[int, ...] = (128, 64),
+    dropout: float = 0.3,
+    input_blur: float = 0.0,
+) -> Classifier:
     """A fully connected network on the flattened pixels."""
-    layers: list[nn.Module] = [Standardize((0.5,), (0.25,)), nn.Flatten()]
+    layers: list[nn.Module] = [Standardize((0.5,), (0.25,), input_blur), nn.Flatten()]
     width = image_size * image_size
     for h in hidden:
         layers += [
@@ -66,11 +84,14 @@ def dense(image_size: int, hidden: tuple[int, ...] = (128, 64), dropout: float =
 
 
 def cnn(
-    image_size: int, channels: tuple[int, ...] = (8, 16, 32, 64, 128), dropout: float = 0.3
+    image_size: int,
+    channels: tuple[int, ...] = (8, 16, 32, 64, 128),
+    dropout: float = 0.3,
+    input_blur: float = 0.0,
 ) -> Classifier:
     """A small VGG-style network trained from scratch, sized for a CPU."""
     del image_size  # global pooling makes the network size-agnostic
-    layers: list[nn.Module] = [Standardize((0.5,), (0.25,))]
+    layers: list[nn.Module] = [Standardize((0.5,), (0.25,), input_blur)]
     previous = 1
     for c in channels:
         layers += [
@@ -85,7 +106,11 @@ def cnn(
 
 
 def transfer(
-    image_size: int, trainable_blocks: int = 2, dropout: float = 0.2, pretrained: bool = True
+    image_size: int,
+    trainable_blocks: int = 2,
+    dropout: float = 0.2,
+    pretrained: bool = True,
+    input_blur: float = 0.0,
 ) -> Classifier:
     """EfficientNet-Lite0 with ImageNet weights; only the top blocks and a new head train."""
     import timm
@@ -96,7 +121,10 @@ def transfer(
         load_imagenet_weights(base)
     split = len(base.blocks) - trainable_blocks
     trunk = nn.Sequential(
-        Standardize(IMAGENET_MEAN, IMAGENET_STD), base.conv_stem, base.bn1, *base.blocks[:split]
+        Standardize(IMAGENET_MEAN, IMAGENET_STD, input_blur),
+        base.conv_stem,
+        base.bn1,
+        *base.blocks[:split],
     )
     for p in trunk.parameters():
         p.requires_grad_(False)

@@ -103,8 +103,10 @@ def _decode_dicom(data: bytes, label: str) -> np.ndarray:
                 values = apply_voi_lut(apply_modality_lut(pixels, ds), ds)
                 # The display range is wherever the same pipeline sends the storable extremes.
                 ends = apply_voi_lut(apply_modality_lut(np.array([lowest, highest]), ds), ds)
-            grey = _stretch(values, ends)
-            return 255 - grey if ds.PhotometricInterpretation == "MONOCHROME1" else grey
+                if ds.PhotometricInterpretation == "MONOCHROME1":
+                    # Invert before scaling, so 8-bit data stored in more bits comes back exactly.
+                    values = float(np.min(ends)) + float(np.max(ends)) - values
+            return _stretch(values, ends)
     except ImageReadError:
         raise
     except Exception:
@@ -195,10 +197,16 @@ def _stored_range(ds: Dataset) -> tuple[int, int]:
 
 
 def _stretch(values: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Map the lower end to black and the upper to white; a degenerate range uses the data's."""
+    """Map the range's levels onto 256 as a bit shift does; a degenerate range uses the data's.
+
+    A shift (floor of value * 256 / levels) gives back 8-bit data stored in more bits exactly,
+    whichever way it was widened: v * 16 in 12 bits, or v * 257 in 16 bits.
+    """
     lo, hi = float(np.min(ends)), float(np.max(ends))
-    if not np.isfinite([lo, hi]).all() or lo == hi:
-        lo, hi = float(values.min()), float(values.max())
+    if np.isfinite([lo, hi]).all() and lo != hi:
+        shifted = np.floor((np.asarray(values, dtype=np.float64) - lo) * (256 / (hi - lo + 1)))
+        return np.clip(shifted, 0, 255).astype(np.uint8)
+    lo, hi = float(values.min()), float(values.max())
     return _scale(values - lo, (hi - lo) or 1.0)
 
 
