@@ -1,6 +1,7 @@
 """Metrics, operating points and calibration: plain functions on labels and probabilities.
 
-Labels are 1 for PNEUMONIA (the positive class) and 0 for NORMAL.
+Labels are 1 for PNEUMONIA (the positive class) and 0 for NORMAL. scikit-learn is imported
+inside the functions: scoring a file needs only `sigmoid`, and start-up time matters.
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 DETECTION_SENSITIVITY = 0.98
 
@@ -39,6 +39,8 @@ def _ratio(num: int, den: int) -> float:
 def point_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> PointMetrics:
     """Accuracy, sensitivity, specificity, precision, F1 and the confusion counts."""
     predicted = (np.asarray(probs) >= threshold).astype(int)
+    from sklearn.metrics import confusion_matrix
+
     tn, fp, fn, tp = (int(v) for v in confusion_matrix(labels, predicted, labels=[0, 1]).ravel())
     sensitivity = _ratio(tp, tp + fn)
     precision = _ratio(tp, tp + fp)
@@ -57,6 +59,8 @@ def point_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> Po
 
 
 def auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(labels, probs))
 
 
@@ -64,6 +68,8 @@ def auc_bootstrap_ci(
     labels: np.ndarray, probs: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of ROC AUC, resampling cases with replacement."""
+    from sklearn.metrics import roc_auc_score
+
     labels, probs = np.asarray(labels), np.asarray(probs)
     rng = np.random.default_rng(seed)
     scores = []
@@ -79,6 +85,8 @@ def auc_bootstrap_ci(
 
 def youden_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
     """The threshold maximising sensitivity + specificity - 1 (the balanced point)."""
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, thresholds = roc_curve(labels, probs)
     best = int(np.argmax(tpr - fpr))
     return float(min(thresholds[best], 1.0))
@@ -88,6 +96,8 @@ def detection_threshold(
     labels: np.ndarray, probs: np.ndarray, min_sensitivity: float = DETECTION_SENSITIVITY
 ) -> float:
     """The highest threshold whose sensitivity is at least `min_sensitivity`."""
+    from sklearn.metrics import roc_curve
+
     _, tpr, thresholds = roc_curve(labels, probs, drop_intermediate=False)
     ok = np.flatnonzero(tpr >= min_sensitivity)
     return float(min(thresholds[ok[0]], 1.0))
