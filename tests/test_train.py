@@ -127,3 +127,22 @@ def test_training_leaves_the_frozen_base_untouched(tiny_models: dict[str, Path])
     assert torch.equal(trained.trunk[2].running_mean, package["_bn0.running_mean"])
     assert torch.equal(trained.trunk[2].running_var, package["_bn0.running_var"])
     assert torch.equal(trained.trunk[1].weight, package["_conv_stem.weight"])
+
+
+def test_a_damaged_or_foreign_checkpoint_is_refused(small_data: Path, tmp_path: Path) -> None:
+    cfg = _quick("dense", epochs=3, seed=1)
+
+    def stop_after_first_epoch(line: str) -> None:
+        if line.startswith("epoch   2/"):  # logged before its checkpoint: epoch 1's is on disk
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train.train(cfg, small_data, tmp_path, "cpu", log=stop_after_first_epoch, progress=False)
+    with pytest.raises(PneumoscanError, match="another config"):
+        train.train(
+            _quick("dense", epochs=2, seed=2), small_data, tmp_path, "cpu", resume=True, log=_silent
+        )
+    checkpoint = tmp_path / train.CHECKPOINT_FILE
+    checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
+    with pytest.raises(PneumoscanError, match="damaged"):
+        train.train(cfg, small_data, tmp_path, "cpu", resume=True, log=_silent)

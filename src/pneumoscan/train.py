@@ -251,7 +251,7 @@ def train(
         "history": [],
     }
     if resume:
-        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        ckpt = _load_checkpoint(checkpoint_path, cfg)
         network.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -474,6 +474,23 @@ def _describe(cfg: TrainConfig, d: _Data, state: dict, device: torch.device, wal
             "grouped_by": "patient id from the file name",
         },
     }
+
+
+def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
+    """The checkpoint of an interrupted run of the same config; a clear error otherwise."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch raises many types for truncated or foreign files
+        raise PneumoscanError(
+            f"{path}: checkpoint is damaged or not a pneumoscan checkpoint; "
+            "delete it and train again without --resume"
+        ) from None
+    if ckpt.get("config") != asdict(cfg):
+        raise PneumoscanError(
+            f"{path}: checkpoint was written with another config; resume with the same "
+            "options, or train again without --resume"
+        )
+    return ckpt
 
 
 def _save_checkpoint(path: Path, network, optimizer, scheduler, gen, state, cfg) -> None:
