@@ -146,3 +146,54 @@ def test_a_damaged_or_foreign_checkpoint_is_refused(small_data: Path, tmp_path: 
     checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
     with pytest.raises(PneumoscanError, match="damaged"):
         train.train(cfg, small_data, tmp_path, "cpu", resume=True, log=_silent)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume_gives_the_same_weights(
+    small_data: Path, tmp_path: Path
+) -> None:
+    """A real SIGKILL, not an exception: the checkpoint on disk is all that survives."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    common = [
+        "--model",
+        "dense",
+        "--data",
+        str(small_data),
+        "--epochs",
+        "6",
+        "--seed",
+        "4",
+        "--device",
+        "cpu",
+    ]
+    env = {**os.environ, "PNEUMOSCAN_CACHE": os.environ["PNEUMOSCAN_CACHE"]}
+    run = [sys.executable, "-m", "pneumoscan", "train"]
+    straight = subprocess.run(
+        [*run, *common, "--out", str(tmp_path / "straight")], capture_output=True, env=env
+    )
+    assert straight.returncode == 0, straight.stderr
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [*run, *common, "--out", str(killed)], stderr=subprocess.PIPE, text=True, env=env
+    )
+    for line in process.stderr:  # kill -9 right after epoch 2 is logged, mid-run
+        if line.startswith("epoch   2/"):
+            os.kill(process.pid, signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    time.sleep(0.1)
+    assert (killed / train.CHECKPOINT_FILE).exists() and not (killed / "model.json").exists()
+    resumed = subprocess.run(
+        [*run, *common, "--out", str(killed), "--resume"], capture_output=True, env=env
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(str(tmp_path / "straight" / "weights.safetensors"))
+    b = load_file(str(killed / "weights.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
