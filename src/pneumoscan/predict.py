@@ -165,7 +165,9 @@ class _HeatmapWriter:
     """One overlay PNG per scored image; a file written never replaces one already there."""
 
     def __init__(self, model: LoadedModel, folder: Path | None):
-        if model.meta["architecture"] not in ("cnn", "transfer"):
+        from pneumoscan.explain import SPATIAL_ARCHITECTURES
+
+        if model.meta["architecture"] not in SPATIAL_ARCHITECTURES:
             raise PneumoscanError(
                 f"--heatmaps: the {model.meta['architecture']} model has no spatial layer; "
                 "use --model cnn or --model transfer"
