@@ -22,13 +22,8 @@ from pneumoscan.models import MODEL_NAMES
 def main(data_root: Path, source: Path, names: list[str]) -> None:
     for name in names:
         model = bundle.load(source / name)
-        meta = {
-            k: v
-            for k, v in model.meta.items()
-            if k not in ("weights", "versions", "format_version")
-        }
         target = bundle.bundled_dir() / name
-        bundle.save(target, model.network, meta, dtype=torch.float16, ood=model.scorer.guard)
+        bundle.save(target, model.network, model.meta, dtype=torch.float16, ood=model.scorer.guard)
         shipped = train.fit_postprocessing(bundle.load(target), data_root)
         size = sum(p.stat().st_size for p in target.glob("*.safetensors")) / 2**20
         points = shipped.meta["operating_points"]

@@ -105,14 +105,9 @@ class LoadedModel:
             return np.zeros(0, np.float32), np.zeros(0, np.float32)
         return np.concatenate(logits), np.concatenate(distances)
 
-    def score(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-        """Calibrated probabilities of PNEUMONIA and guard distances."""
-        logits, distances = self.raw_scores(images, batch_size)
-        return self.calibrate(logits), distances
-
     def probabilities(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Calibrated probabilities of PNEUMONIA."""
-        return self.score(images, batch_size)[0]
+        return self.calibrate(self.raw_scores(images, batch_size)[0])
 
 
 def save(

@@ -35,9 +35,13 @@ class Guard(nn.Module):
         flat = features.float().flatten(2)
         return torch.cat([flat.mean(2), flat.std(2)], 1)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        centred = self.pool(features) - self.mean
+    def distance(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance of pooled features from the training mean."""
+        centred = pooled - self.mean
         return ((centred @ self.precision) * centred).sum(1).clamp_min(0).sqrt()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.distance(self.pool(features))
 
 
 def fit(train_pooled: np.ndarray, val_pooled: np.ndarray) -> tuple[Guard, float, float]:
@@ -49,11 +53,6 @@ def fit(train_pooled: np.ndarray, val_pooled: np.ndarray) -> tuple[Guard, float,
     guard.mean.copy_(torch.from_numpy(estimate.location_).float())
     guard.precision.copy_(torch.from_numpy(estimate.precision_).float())
     with torch.no_grad():
-        val_scores = _distance(guard, val_pooled)
+        val_scores = guard.distance(torch.from_numpy(val_pooled).float()).numpy()
     threshold = float(np.quantile(val_scores, PASS_QUANTILE, method="higher"))
     return guard, threshold, float((val_scores <= threshold).mean())
-
-
-def _distance(guard: Guard, pooled: np.ndarray) -> np.ndarray:
-    centred = torch.from_numpy(pooled).float() - guard.mean
-    return ((centred @ guard.precision) * centred).sum(1).clamp_min(0).sqrt().numpy()

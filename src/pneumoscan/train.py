@@ -387,10 +387,7 @@ def fit_postprocessing(model: bundle.LoadedModel, data_root: Path) -> bundle.Loa
     ood, ood_threshold, pass_rate = guard.fit(pooled(d.train_idx), pooled(d.val_idx))
     val_labels = d.labels[d.val_idx]
     val_logits, _ = model.raw_scores(d.images[d.val_idx])
-    meta = {
-        k: v for k, v in model.meta.items() if k not in ("weights", "versions", "format_version")
-    }
-    meta.update(_operating_points(val_labels, val_logits))
+    meta = {**model.meta, **_operating_points(val_labels, val_logits)}  # save() renews the rest
     meta["validation"] = {
         "auc": metrics.auc(val_labels, val_logits),
         "n": len(val_labels),
