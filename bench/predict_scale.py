@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pneumoscan import bundle, predict
+from pneumoscan import predict, runtime
 
 
 def peak_rss_mib() -> float:
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--model", default="transfer")
     args = parser.parse_args()
     sources = predict.expand_paths([args.folder])
-    model = bundle.load(args.model)
+    model = runtime.load(args.model)  # the CPU default, as `pneumoscan predict` runs it
     with tempfile.TemporaryDirectory() as tmp:
         links = []
         for i in range(args.files):

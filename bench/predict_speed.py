@@ -1,10 +1,16 @@
-"""Screening speed on this machine: images/s over a folder of files, and single-file latency.
+"""Screening speed on this machine, with peers and the FLOP bound, all in one run.
 
-    python bench/predict_speed.py --folder DIR [--model transfer] [--repeats 3] [--latency-files 50]
+    python bench/predict_speed.py --folder DIR [--models dense,cnn,transfer] [--repeats 3]
 
-Both backends (torch eager, ONNX Runtime) run in the same process on the same files, so their
-ratio is meaningful on a shared, noisy machine; each figure is the median over the repeats.
-Everything from the file on disk to the result is timed: read, decode, resize, model, guard.
+For each bundled model and each backend (torch eager, ONNX Runtime): images/s over the folder's
+files and single-file latency (p50, p95). Everything from the file on disk to the result is
+timed: read, decode, resize, model, guard, calibration. The peers, DenseNet-121 (CheXNet,
+torchxrayvision) and ResNet-18 (the MedMNIST baseline) at 224 px from torchvision with random
+weights (speed does not depend on them), run through the same reader, threads and batch size.
+
+The bound: each network's FLOPs per image (torch's FLOP counter) times images/s is the compute
+it sustains; the matrix-multiply rate measured here in the same run is what the cores can do.
+Figures are medians over the repeats; ratios are between rows of this one run.
 """
 
 from __future__ import annotations
@@ -12,61 +18,150 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
+import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from pneumoscan import bundle, predict, runtime
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class Peer(nn.Module):
+    """A torchvision ImageNet network fed greyscale as three equal channels: (logits, zeros)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        import torchvision
+
+        self.net = getattr(torchvision.models, name)(num_classes=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.net(x.expand(-1, 3, -1, -1)).squeeze(1)
+        return logits, torch.zeros_like(logits)
+
+
+def peer_models(name: str, folder: Path) -> dict[str, bundle.ModelCard]:
+    """Both backends of a peer, behind the same ModelCard interface as a bundled model."""
+    scorer = Peer(name).eval()
+    meta = {
+        "input_size": 224,
+        "class_names": ["NORMAL", "PNEUMONIA"],
+        "operating_points": {"detection": {"threshold": 0.5}},
+    }
+    torch_model = bundle.LoadedModel(name, folder, meta, scorer.net, scorer)
+    path = runtime.export(scorer, 224, folder / f"{name}.onnx")
+    onnx_model = runtime.OnnxModel(name, folder, meta, runtime.session(path))
+    return {"torch": torch_model, "onnx": onnx_model}
+
+
+def flops_per_image(scorer: nn.Module, size: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        scorer.eval()(torch.zeros(1, 1, size, size))
+    return float(counter.get_total_flops())
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / min(times) / 1e9
+
+
+def measure(model: bundle.ModelCard, files: list[Path], args: argparse.Namespace) -> dict:
+    list(predict.predict(model, files[: args.batch_size * 2], batch_size=args.batch_size))
+    rates = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        n = sum(1 for _ in predict.predict(model, files, batch_size=args.batch_size))
+        rates.append(n / (time.perf_counter() - start))
+    latencies = []
+    for f in files[: args.latency_files]:
+        start = time.perf_counter()
+        next(predict.predict(model, [f], batch_size=1, workers=1))
+        latencies.append((time.perf_counter() - start) * 1000)
+    return {
+        "files": len(files),
+        "images_per_s": round(statistics.median(rates), 1),
+        "latency_ms_p50": round(float(np.percentile(latencies, 50)), 1),
+        "latency_ms_p95": round(float(np.percentile(latencies, 95)), 1),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, required=True)
-    parser.add_argument("--model", default="transfer")
+    parser.add_argument("--models", default="dense,cnn,transfer")
+    parser.add_argument("--peers", default="densenet121,resnet18")
+    parser.add_argument("--peer-files", type=int, default=128, help="peers are slow: fewer files")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latency-files", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
 
     files = predict.expand_paths([args.folder])
-    model = bundle.load(args.model)
-    backends = {"torch": model.raw_scores, "onnx": runtime.runner_for(model).raw_scores}
+    peak = matmul_peak_gflops()
+    print(f"matrix multiply (fp32, 2048^2, {torch.get_num_threads()} threads): {peak:.1f} GFLOP/s")
     rows = []
-    for name, scores in backends.items():
-        list(predict.predict(model, files[:64], raw_scores=scores))  # warm-up
-        rates = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            n = sum(
-                1
-                for _ in predict.predict(
-                    model, files, batch_size=args.batch_size, raw_scores=scores
-                )
-            )
-            rates.append(n / (time.perf_counter() - start))
-        latencies = []
-        for f in files[: args.latency_files]:
-            start = time.perf_counter()
-            next(predict.predict(model, [f], batch_size=1, workers=1, raw_scores=scores))
-            latencies.append((time.perf_counter() - start) * 1000)
-        rows.append(
-            {
-                "model": model.name,
-                "backend": name,
-                "files": len(files),
-                "images_per_s": round(statistics.median(rates), 1),
-                "latency_ms_p50": round(float(np.percentile(latencies, 50)), 1),
-                "latency_ms_p95": round(float(np.percentile(latencies, 95)), 1),
-                "threads": torch.get_num_threads(),
-                "cpus": os.cpu_count(),
-            }
+    with tempfile.TemporaryDirectory() as tmp:
+        candidates = []
+        for name in filter(None, args.models.split(",")):
+            loaded = bundle.load(name)
+            flops = flops_per_image(loaded.scorer, loaded.input_size)
+            backends = {"torch": loaded, "onnx": runtime.load(name)}
+            candidates.append((name, 128, flops, backends, files))
+        for name in filter(None, args.peers.split(",")):
+            backends = peer_models(name, Path(tmp))
+            flops = flops_per_image(backends["torch"].scorer, 224)
+            candidates.append((name, 224, flops, backends, files[: args.peer_files]))
+        for name, size, flops, backends, subset in candidates:
+            for backend, model in backends.items():
+                row = {"model": name, "input": size, "backend": backend}
+                row.update(measure(model, subset, args))
+                row["gflops_per_image"] = round(flops / 1e9, 3)
+                row["sustained_gflops"] = round(flops * row["images_per_s"] / 1e9, 1)
+                row["fraction_of_matmul_peak"] = round(flops * row["images_per_s"] / 1e9 / peak, 3)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    reference = {r["backend"]: r["images_per_s"] for r in rows if r["model"] == "densenet121"}
+    for row in rows:
+        if row["backend"] in reference:
+            row["x_densenet121"] = round(row["images_per_s"] / reference[row["backend"]], 1)
+    context = {
+        "date": date.today().isoformat(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "matmul_peak_gflops": round(peak, 1),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    with (RESULTS / "cpu_predict_speed.jsonl").open("a") as out:
+        for row in rows:
+            out.write(json.dumps({**context, **row}) + "\n")
+    print(
+        "\n| model | input | backend | images/s | p50 ms | p95 ms | GFLOP/image | x DenseNet-121 "
+        "| % of matmul peak |\n|---|---|---|---:|---:|---:|---:|---:|---:|"
+    )
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['input']} | {r['backend']} | {r['images_per_s']} "
+            f"| {r['latency_ms_p50']} | {r['latency_ms_p95']} | {r['gflops_per_image']} "
+            f"| {r.get('x_densenet121', '')} | {100 * r['fraction_of_matmul_peak']:.1f} |"
         )
-        print(json.dumps(rows[-1]), flush=True)
-    ratio = rows[1]["images_per_s"] / rows[0]["images_per_s"]
-    print(f"onnx / torch throughput: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

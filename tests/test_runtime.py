@@ -1,5 +1,7 @@
-"""The ONNX fast path gives the torch backend's answers."""
+"""The ONNX fast path: every model folder carries its graph, which gives torch's answers."""
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +10,7 @@ import numpy as np
 import pytest
 
 from pneumoscan import bundle, data, predict, runtime
+from pneumoscan.errors import PneumoscanError
 
 
 @pytest.mark.slow
@@ -17,19 +20,70 @@ def test_onnx_matches_torch_on_real_test_images(data_root: Path) -> None:
     images, _ = data.load_images(listed, model.input_size)
     images = np.asarray(images[::3])  # 208 images of both classes
     logits, distances = model.raw_scores(images)
-    onnx_logits, onnx_distances = runtime.runner_for(model).raw_scores(images)
+    fast = runtime.load("transfer")
+    assert fast.meta["onnx"]["file"] == "model.onnx"  # shipped, not exported on the fly
+    onnx_logits, onnx_distances = fast.raw_scores(images)
     assert np.abs(model.calibrate(logits) - model.calibrate(onnx_logits)).max() < 1e-4
     assert np.allclose(distances, onnx_distances, rtol=1e-4, atol=1e-3)
 
 
 def test_onnx_backend_through_predict(tiny_models: dict[str, Path], xray_files: list[Path]) -> None:
-    model = bundle.load(tiny_models["cnn"])
-    torch_results = list(predict.predict(model, xray_files))
-    onnx_results = list(
-        predict.predict(model, xray_files, raw_scores=runtime.runner_for(model).raw_scores)
-    )
+    torch_results = list(predict.predict(bundle.load(tiny_models["cnn"]), xray_files))
+    onnx_results = list(predict.predict(runtime.load(tiny_models["cnn"]), xray_files))
     for a, b in zip(torch_results, onnx_results, strict=True):
         assert a.label == b.label and abs(a.probability - b.probability) < 1e-4 and a.ood == b.ood
+
+
+def test_bundled_onnx_stores_fp16_weights_exactly() -> None:
+    import onnx
+    from onnx import TensorProto
+
+    folder = bundle.bundled_dir() / "transfer"
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    halves = [i for i in graph.initializer if i.data_type == TensorProto.FLOAT16]
+    assert len(halves) > 100  # the network's weights, cast back to fp32 when the session starts
+    weights = (folder / "weights.safetensors").stat().st_size
+    assert (folder / "model.onnx").stat().st_size < 1.2 * weights
+
+
+def test_a_folder_without_a_graph_gets_one_exported_into_the_cache(
+    tiny_models: dict[str, Path], tmp_path: Path, xray_files: list[Path]
+) -> None:
+    folder = Path(shutil.copytree(tiny_models["cnn"], tmp_path / "old"))
+    meta = json.loads((folder / "model.json").read_text())
+    del meta["onnx"]
+    (folder / "model.json").write_text(json.dumps(meta))
+    (folder / "model.onnx").unlink()
+    images = np.stack([np.zeros((128, 128), np.uint8), np.full((128, 128), 200, np.uint8)])
+    expected = runtime.load(tiny_models["cnn"]).probabilities(images)
+    assert np.abs(runtime.load(folder).probabilities(images) - expected).max() < 1e-4
+    assert not (folder / "model.onnx").exists()  # the user's folder is left as it was
+
+
+def test_predict_on_the_cpu_never_imports_torch(xray_files: list[Path]) -> None:
+    probe = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('torch' in sys.modules, file=sys.stderr))\n"
+        f"sys.argv = ['pneumoscan', 'predict', {str(xray_files[0])!r}, '--json']\n"
+        "from pneumoscan.cli import main\n"
+        "main()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().endswith("False"), result.stderr
+    assert json.loads(result.stdout)[0]["label"] in ("NORMAL", "PNEUMONIA")
+
+
+def test_shards_cover_every_file_once(tmp_path: Path) -> None:
+    files = [tmp_path / f"{i}.png" for i in range(10)]
+    parts = [predict.shard(files, f"{i}/3") for i in (1, 2, 3)]
+    assert sorted(f for part in parts for f in part) == sorted(files)
+    assert [len(p) for p in parts] == [4, 3, 3]
+    for bad in ("0/3", "4/3", "1", "a/b", "1/0"):
+        with pytest.raises(PneumoscanError, match="--shard"):
+            predict.shard(files, bad)
 
 
 def test_export_command_writes_a_dynamic_batch_model(
@@ -48,9 +102,9 @@ def test_export_command_writes_a_dynamic_batch_model(
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    runner = runtime.OnnxRunner(target)
+    graph = runtime.session(target)
     for n in (1, 5):
-        logits, distances = runner.raw_scores(np.zeros((n, 128, 128), np.uint8))
+        logits, distances = graph.run(None, {"image": np.zeros((n, 1, 128, 128), np.float32)})
         assert logits.shape == (n,) and distances.shape == (n,)
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 1 and "--force" in again.stderr

@@ -1,11 +1,14 @@
-"""A trained model as a self-describing folder: `weights.safetensors` + `model.json`.
+"""A trained model as a self-describing folder: weights, guard, an ONNX graph and `model.json`.
 
 Whoever loads the folder needs nothing else to preprocess, calibrate, threshold and label.
-Loading reads tensors and JSON only: nothing is ever unpickled.
+Loading reads tensors and JSON only: nothing is ever unpickled. This module imports torch only
+when a network is built or saved: a `ModelCard` (model.json) and the ONNX graph (runtime.py)
+are all that screening on a CPU needs, which keeps `pneumoscan predict` quick to start.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -13,18 +16,23 @@ import platform
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
-from pneumoscan import guard, metrics
+from pneumoscan import metrics
 from pneumoscan.errors import PneumoscanError
-from pneumoscan.models import MODEL_NAMES, Classifier, create_model, imagenet_trunk
+
+if TYPE_CHECKING:
+    import torch
+
+    from pneumoscan.guard import Guard
+    from pneumoscan.models import Classifier, Scorer
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
 GUARD_FILE = "guard.safetensors"
+ONNX_FILE = "model.onnx"
 META_FILE = "model.json"
 PREPROCESSING = {
     "reader": "any format -> 8-bit greyscale (pneumoscan.reader.read_image)",
@@ -33,37 +41,13 @@ PREPROCESSING = {
 }
 
 
-class Scorer(nn.Module):
-    """Images in [0, 1] -> (logits, out-of-distribution distances): what every backend runs."""
-
-    def __init__(self, network: Classifier, ood: guard.Guard | None, shares_trunk: bool):
-        super().__init__()
-        self.network = network
-        self.guard = ood
-        # The transfer model's frozen trunk is the guard's feature extractor: run it once.
-        self.guard_trunk = (
-            None if ood is None or shares_trunk else imagenet_trunk(guard.FROZEN_STAGES)
-        )
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.guard is None:
-            logits = self.network(x)
-            return logits, torch.zeros_like(logits)
-        if self.guard_trunk is None:
-            features = self.network.trunk(x)
-            return self.network.head(features).squeeze(1), self.guard(features)
-        return self.network(x), self.guard(self.guard_trunk(x))
-
-
 @dataclass
-class LoadedModel:
-    """A model ready to score images, with everything model.json says about it."""
+class ModelCard:
+    """What model.json says about a model: enough to preprocess, calibrate and threshold."""
 
     name: str
     folder: Path
-    network: Classifier
     meta: dict
-    scorer: Scorer
 
     @property
     def input_size(self) -> int:
@@ -90,34 +74,69 @@ class LoadedModel:
             raise PneumoscanError(f"--mode {mode!r}: choose one of {', '.join(points)}")
         return float(points[mode]["threshold"])
 
-    @torch.no_grad()
+    def file(self, key: str) -> Path:
+        """The file model.json names under `key`, after checking its SHA-256."""
+        entry = self.meta[key]
+        path = self.folder / entry["file"]
+        if not path.is_file():
+            raise PneumoscanError(f"{path}: file is missing; the model folder is incomplete")
+        if _sha256(path) != entry["sha256"]:
+            raise PneumoscanError(
+                f"{path}: checksum does not match model.json; the file is damaged or was changed"
+            )
+        return path
+
+    def probabilities(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Calibrated probabilities of PNEUMONIA of uint8 images shaped (N, S, S)."""
+        return self.calibrate(self.raw_scores(images, batch_size)[0])
+
     def raw_scores(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-        """Logits and guard distances of uint8 images shaped (N, S, S)."""
+        """Logits and guard distances; a backend (torch or ONNX Runtime) provides them."""
+        raise NotImplementedError
+
+
+@dataclass
+class LoadedModel(ModelCard):
+    """A model card with its torch network: for training, Grad-CAM and GPUs."""
+
+    network: Classifier
+    scorer: Scorer
+
+    def raw_scores(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
         self.scorer.eval()
         logits, distances = [], []
-        for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.array(images[start : start + batch_size]))
-            x = batch.unsqueeze(1).float().div_(255.0).contiguous(memory_format=torch.channels_last)
-            z, d = self.scorer(x)
-            logits.append(z.float().numpy())
-            distances.append(d.float().numpy())
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                batch = torch.from_numpy(np.array(images[start : start + batch_size]))
+                x = batch.unsqueeze(1).float().div_(255.0)
+                z, d = self.scorer(x.contiguous(memory_format=torch.channels_last))
+                logits.append(z.float().numpy())
+                distances.append(d.float().numpy())
         if not logits:
             return np.zeros(0, np.float32), np.zeros(0, np.float32)
         return np.concatenate(logits), np.concatenate(distances)
-
-    def probabilities(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """Calibrated probabilities of PNEUMONIA."""
-        return self.calibrate(self.raw_scores(images, batch_size)[0])
 
 
 def save(
     folder: Path,
     network: Classifier,
     meta: dict,
-    dtype: torch.dtype = torch.float32,
-    ood: guard.Guard | None = None,
+    dtype: torch.dtype | None = None,
+    ood: Guard | None = None,
 ) -> None:
-    """Write weights (and the guard) and metadata; SHA-256 of each file goes into model.json."""
+    """Write weights (and the guard), the ONNX graph, then model.json with each file's SHA-256.
+
+    The ONNX graph holds exactly the weights that ship (rounded to `dtype`), so both backends
+    give the same answers.
+    """
+    import torch
+
+    from pneumoscan import runtime
+    from pneumoscan.models import Scorer
+
+    dtype = dtype or torch.float32
     folder.mkdir(parents=True, exist_ok=True)
     meta = {
         **meta,
@@ -136,12 +155,19 @@ def save(
             "file": GUARD_FILE,
             "sha256": _write_tensors(folder / GUARD_FILE, ood, torch.float32),
         }
+    shipped = copy.deepcopy(network).eval()
+    shipped.load_state_dict(  # what the weights file holds: its tensors rounded to `dtype`
+        {k: v.to(dtype).to(v.dtype) for k, v in network.state_dict().items()}
+    )
+    scorer = Scorer(shipped, ood, shares_guard_trunk(meta))
+    runtime.export(scorer, int(meta["input_size"]), folder / ONNX_FILE)
+    meta["onnx"] = {"file": ONNX_FILE, "sha256": _sha256(folder / ONNX_FILE)}
     tmp = folder / f".{META_FILE}.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, folder / META_FILE)
 
 
-def _write_tensors(path: Path, module: nn.Module, dtype: torch.dtype) -> str:
+def _write_tensors(path: Path, module: torch.nn.Module, dtype: torch.dtype) -> str:
     """Atomically write a module's state as safetensors; return the file's SHA-256."""
     from safetensors.torch import save_file
 
@@ -155,8 +181,8 @@ def _write_tensors(path: Path, module: nn.Module, dtype: torch.dtype) -> str:
     return _sha256(path)
 
 
-def load(model: str | Path) -> LoadedModel:
-    """Load a bundled model by name (`dense`, `cnn`, `transfer`) or a model folder."""
+def read_card(model: str | Path) -> ModelCard:
+    """model.json of a bundled model (`dense`, `cnn`, `transfer`) or a model folder."""
     folder = resolve(model)
     try:
         meta = json.loads((folder / META_FILE).read_text())
@@ -168,38 +194,45 @@ def load(model: str | Path) -> LoadedModel:
             f"{folder}: model format version {version!r} is not supported "
             f"(this pneumoscan reads version {FORMAT_VERSION})"
         )
+    return ModelCard(meta.get("name", folder.name), folder, meta)
+
+
+def load(model: str | Path) -> LoadedModel:
+    """Load a bundled model by name (`dense`, `cnn`, `transfer`) or a model folder, in torch."""
+    import torch
+
+    from pneumoscan.guard import Guard
+    from pneumoscan.models import Scorer, create_model
+
+    card = read_card(model)
+    meta = card.meta
     args = dict(meta.get("model_args", {}))
     if meta["architecture"] == "transfer":
         args["pretrained"] = False  # the saved weights replace the ImageNet ones anyway
     network = create_model(meta["architecture"], meta["input_size"], **args)
-    network.load_state_dict(_read_tensors(folder, meta["weights"]))
+    network.load_state_dict(_read_tensors(card, "weights"))
     ood = None
     if "ood" in meta:
-        ood = guard.Guard()
-        ood.load_state_dict(_read_tensors(folder, meta["ood"]))
-    scorer = (
-        Scorer(network, ood, shares_guard_trunk(meta)).eval().to(memory_format=torch.channels_last)
-    )
-    return LoadedModel(meta.get("name", folder.name), folder, network, meta, scorer)
+        ood = Guard()
+        ood.load_state_dict(_read_tensors(card, "ood"))
+    scorer = Scorer(network, ood, shares_guard_trunk(meta))
+    scorer = scorer.eval().to(memory_format=torch.channels_last)
+    return LoadedModel(card.name, card.folder, meta, network, scorer)
 
 
 def shares_guard_trunk(meta: dict) -> bool:
     """Whether the model's own frozen trunk is exactly the guard's feature extractor."""
+    from pneumoscan.guard import FROZEN_STAGES
+
     trainable = meta.get("model_args", {}).get("trainable_blocks", 2)
-    return meta["architecture"] == "transfer" and trainable == 7 - guard.FROZEN_STAGES
+    return meta["architecture"] == "transfer" and trainable == 7 - FROZEN_STAGES
 
 
-def _read_tensors(folder: Path, entry: dict) -> dict[str, torch.Tensor]:
+def _read_tensors(card: ModelCard, key: str) -> dict[str, torch.Tensor]:
     """Read a safetensors file named in model.json after checking its SHA-256."""
     from safetensors.torch import load_file
 
-    path = folder / entry["file"]
-    if not path.is_file():
-        raise PneumoscanError(f"{path}: file is missing; the model folder is incomplete")
-    if _sha256(path) != entry["sha256"]:
-        raise PneumoscanError(
-            f"{path}: checksum does not match model.json; the file is damaged or was changed"
-        )
+    path = card.file(key)
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for malformed files
@@ -210,17 +243,14 @@ def _read_tensors(folder: Path, entry: dict) -> dict[str, torch.Tensor]:
 def resolve(model: str | Path) -> Path:
     """A bundled name or a folder holding model.json; a clear error otherwise."""
     text = str(model)
-    if text in MODEL_NAMES and not Path(text).is_dir():
-        folder = bundled_dir() / text
-        if not (folder / META_FILE).is_file():
-            raise PneumoscanError(
-                f"bundled model {text!r} is not installed; train one with `pneumoscan train`"
-            )
-        return folder
+    bundled = bundled_dir() / text
+    if "/" not in text and (bundled / META_FILE).is_file() and not Path(text).is_dir():
+        return bundled
     folder = Path(text)
     if not (folder / META_FILE).is_file():
+        names = sorted(p.parent.name for p in bundled_dir().glob(f"*/{META_FILE}"))
         raise PneumoscanError(
-            f"--model {text}: not a bundled model ({', '.join(MODEL_NAMES)}) "
+            f"--model {text}: not a bundled model ({', '.join(names)}) "
             f"nor a folder holding {META_FILE}"
         )
     return folder
@@ -233,6 +263,7 @@ def bundled_dir() -> Path:
 def library_versions() -> dict:
     import sklearn
     import timm
+    import torch
 
     from pneumoscan import __version__
 

@@ -160,7 +160,14 @@ def predict(
     sort: bool = typer.Option(
         False, "--sort", help="Order by probability, highest first (a triage list)."
     ),
-    backend: str = typer.Option("torch", "--backend", help="torch, or onnx (ONNX Runtime)."),
+    backend: str = typer.Option(
+        "auto",
+        "--backend",
+        help="onnx (ONNX Runtime, fastest on CPU), torch, or auto: onnx unless --heatmaps.",
+    ),
+    shard: str | None = typer.Option(
+        None, "--shard", help="Score only part I of N of the files (I/N), to split a batch."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --csv file."),
 ) -> None:
     """Screen image files. Exit code: 0 all files scored, 2 some files failed (the rest are still
@@ -170,8 +177,10 @@ def predict(
 
     if mode not in screening.MODES:
         raise PneumoscanError(f"--mode {mode!r}: choose detection or balanced")
-    if backend not in ("torch", "onnx"):
-        raise PneumoscanError(f"--backend {backend!r}: choose torch or onnx")
+    if backend not in ("auto", "torch", "onnx"):
+        raise PneumoscanError(f"--backend {backend!r}: choose auto, torch or onnx")
+    if backend == "onnx" and heatmaps is not None:
+        raise PneumoscanError("--heatmaps needs --backend torch (Grad-CAM runs in torch)")
     if as_json and csv_file:
         raise PneumoscanError("--json and --csv: choose one")
     if csv_file is not None and csv_file.exists() and not force:
@@ -179,13 +188,15 @@ def predict(
     files = screening.expand_paths(paths)
     if not files:
         raise PneumoscanError(f"no image files found in {', '.join(str(p) for p in paths)}")
-    loaded = bundle.load(model)
-    raw_scores = None
-    if backend == "onnx":
+    if shard is not None:
+        files = screening.shard(files, shard)
+    if backend == "torch" or heatmaps is not None:
+        loaded = bundle.load(model)
+    else:
         from pneumoscan import runtime
 
-        raw_scores = runtime.runner_for(loaded).raw_scores
-    results = list(screening.predict(loaded, files, mode, heatmaps=heatmaps, raw_scores=raw_scores))
+        loaded = runtime.load(model)
+    results = list(screening.predict(loaded, files, mode, heatmaps=heatmaps))
     if sort:
         results.sort(key=lambda r: -1.0 if r.probability is None else r.probability, reverse=True)
     if as_json:
@@ -220,7 +231,7 @@ def export(
     if onnx.exists() and not force:
         raise PneumoscanError(f"--onnx {onnx}: file exists; pass --force to overwrite it")
     loaded = bundle.load(model)
-    runtime.export(loaded, onnx)
+    runtime.export(loaded.scorer, loaded.input_size, onnx)
     typer.echo(
         f"wrote {onnx}: input 'image' (N, 1, {loaded.input_size}, {loaded.input_size}) float in [0, 1]; "
         "outputs 'logit' and 'ood_score'; calibration and thresholds are in the model's model.json"

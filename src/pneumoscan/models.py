@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pneumoscan.guard import FROZEN_STAGES, Guard
+
 MODEL_NAMES = ("dense", "cnn", "transfer")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -143,6 +145,26 @@ def transfer(
 def imagenet_trunk(stages: int) -> nn.Sequential:
     """The frozen ImageNet stem and first `stages` stages of EfficientNet-Lite0."""
     return transfer(0, trainable_blocks=7 - stages).trunk.eval()
+
+
+class Scorer(nn.Module):
+    """Images in [0, 1] -> (logits, out-of-distribution distances): what every backend runs."""
+
+    def __init__(self, network: Classifier, ood: Guard | None, shares_trunk: bool):
+        super().__init__()
+        self.network = network
+        self.guard = ood
+        # The transfer model's frozen trunk is the guard's feature extractor: run it once.
+        self.guard_trunk = None if ood is None or shares_trunk else imagenet_trunk(FROZEN_STAGES)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.guard is None:
+            logits = self.network(x)
+            return logits, torch.zeros_like(logits)
+        if self.guard_trunk is None:
+            features = self.network.trunk(x)
+            return self.network.head(features).squeeze(1), self.guard(features)
+        return self.network(x), self.guard(self.guard_trunk(x))
 
 
 def load_imagenet_weights(base: nn.Module) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscan import reader
-from pneumoscan.bundle import LoadedModel
+from pneumoscan.bundle import LoadedModel, ModelCard
 from pneumoscan.data import IMAGE_SUFFIXES
 from pneumoscan.errors import ImageReadError, PneumoscanError
 
@@ -96,23 +96,32 @@ def _decode(source: Source, size: int, keep_original: bool) -> _Decoded:
         return _Decoded(name, stem, error=f"{name}: not enough memory to decode this image")
 
 
+def shard(files: list[Path], spec: str) -> list[Path]:
+    """Part I of N (`spec` "I/N", 1 <= I <= N) of a file list: every N-th file from the I-th.
+
+    Workers given the same paths and each its own I cover every file exactly once.
+    """
+    index, _, count = spec.partition("/")
+    if not (index.isdigit() and count.isdigit() and 1 <= int(index) <= int(count)):
+        raise PneumoscanError(f"--shard {spec!r}: write I/N with 1 <= I <= N, e.g. 1/4")
+    return files[int(index) - 1 :: int(count)]
+
+
 def predict(
-    model: LoadedModel,
+    model: ModelCard,
     files: Iterable[Source],
     mode: str = "detection",
     batch_size: int = 32,
     workers: int | None = None,
     heatmaps: Path | None = None,
-    raw_scores: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
     explain: bool = False,
 ) -> Iterator[Prediction]:
     """Score files (or in-memory uploads) in order, yielding each result once its batch is done.
 
-    `explain` attaches a Grad-CAM overlay PNG to each scored result; `heatmaps` also writes it
-    into that folder.
+    `model` is a torch `LoadedModel` or an ONNX Runtime one (runtime.load). `explain` attaches a
+    Grad-CAM overlay PNG to each scored result (torch only); `heatmaps` also writes it there.
     """
     threshold = model.threshold(mode)
-    score = raw_scores or model.raw_scores
     writer = _HeatmapWriter(model, heatmaps) if heatmaps is not None or explain else None
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
@@ -124,19 +133,19 @@ def predict(
                 in_flight.append(batch)
                 batch = []
                 if len(in_flight) > 2:  # two batches decode while one is scored
-                    yield from _score(model, in_flight.popleft(), score, mode, threshold, writer)
+                    yield from _score(model, in_flight.popleft(), mode, threshold, writer)
         if batch:
             in_flight.append(batch)
         while in_flight:
-            yield from _score(model, in_flight.popleft(), score, mode, threshold, writer)
+            yield from _score(model, in_flight.popleft(), mode, threshold, writer)
 
 
-def _score(model, futures, score, mode, threshold, writer) -> Iterator[Prediction]:
+def _score(model, futures, mode, threshold, writer) -> Iterator[Prediction]:
     decoded = [f.result() for f in futures]
     good = [d for d in decoded if d.image is not None]
     results = {}
     if good:
-        logits, distances = score(np.stack([d.image for d in good]))
+        logits, distances = model.raw_scores(np.stack([d.image for d in good]))
         probs = model.calibrate(logits)
         ood_limit = model.ood_threshold
         for d, p, dist in zip(good, probs, distances, strict=True):
@@ -167,6 +176,8 @@ class _HeatmapWriter:
     def __init__(self, model: LoadedModel, folder: Path | None):
         from pneumoscan.explain import SPATIAL_ARCHITECTURES
 
+        if not isinstance(model, LoadedModel):
+            raise PneumoscanError("heatmaps need the torch backend (--backend torch)")
         if model.meta["architecture"] not in SPATIAL_ARCHITECTURES:
             raise PneumoscanError(
                 f"--heatmaps: the {model.meta['architecture']} model has no spatial layer; "

@@ -1,63 +1,36 @@
-"""The fast path: export a model (classifier + guard) to ONNX and run it with ONNX Runtime.
+"""The fast path: a model's ONNX graph run by ONNX Runtime, with no torch import.
 
-The exported graph is the same `Scorer` the torch backend runs: images in [0, 1] shaped
-(N, 1, S, S) in, logits and guard distances out. Calibration and thresholds stay in model.json.
+Every model folder holds `model.onnx`: the same `Scorer` the torch backend runs, images in
+[0, 1] shaped (N, 1, S, S) in, logits and guard distances out. Calibration and thresholds stay
+in model.json. Weights that fp16 holds exactly (all of a bundled model's) are stored as fp16 and
+cast back when the session starts: half the file, the same answers.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from pneumoscan.bundle import LoadedModel
+from pneumoscan import bundle
 from pneumoscan.data import cache_dir
 from pneumoscan.errors import PneumoscanError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 OPSET = 17
 
 
-def export(model: LoadedModel, path: Path) -> Path:
-    """Write the model to `path` as ONNX with a dynamic batch dimension."""
-    size = model.input_size
-    scorer = model.scorer.eval().to(memory_format=torch.contiguous_format)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's tracing chatter is not the user's business
-        torch.onnx.export(
-            scorer,
-            (torch.zeros(2, 1, size, size),),
-            str(tmp),
-            input_names=["image"],
-            output_names=["logit", "ood_score"],
-            dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}, "ood_score": {0: "batch"}},
-            opset_version=OPSET,
-            dynamo=False,
-        )
-    os.replace(tmp, path)
-    model.scorer.to(memory_format=torch.channels_last)
-    return path
+@dataclass
+class OnnxModel(bundle.ModelCard):
+    """A model card with an ONNX Runtime session."""
 
-
-class OnnxRunner:
-    """ONNX Runtime session with the same `raw_scores` interface as the torch backend."""
-
-    def __init__(self, path: Path, threads: int | None = None):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own types for unreadable graphs
-            raise PneumoscanError(f"{path}: not a usable ONNX model ({exc})") from None
+    session: Any
 
     def raw_scores(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
         logits, distances = [], []
@@ -71,10 +44,81 @@ class OnnxRunner:
         return np.concatenate(logits), np.concatenate(distances)
 
 
-def runner_for(model: LoadedModel) -> OnnxRunner:
-    """An ONNX Runtime runner, exporting once into the cache (keyed by the weights' checksum)."""
-    key = model.meta["weights"]["sha256"][:16] + model.meta.get("ood", {}).get("sha256", "")[:8]
-    path = cache_dir() / "onnx" / f"{model.name}-{key}.onnx"
-    if not path.exists():
-        export(model, path)
-    return OnnxRunner(path)
+def load(model: str | Path, threads: int | None = None) -> OnnxModel:
+    """A bundled model or model folder, ready to score with ONNX Runtime."""
+    card = bundle.read_card(model)
+    if "onnx" in card.meta:
+        path = card.file("onnx")
+    else:  # a folder saved before model.onnx was part of it: export once into the cache
+        key = card.meta["weights"]["sha256"][:16] + card.meta.get("ood", {}).get("sha256", "")[:8]
+        path = cache_dir() / "onnx" / f"{card.name}-{key}.onnx"
+        if not path.exists():
+            loaded = bundle.load(model)
+            export(loaded.scorer, loaded.input_size, path)
+    return OnnxModel(card.name, card.folder, card.meta, session(path, threads))
+
+
+def session(path: Path, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session for the graph at `path`."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own types for unreadable graphs
+        raise PneumoscanError(f"{path}: not a usable ONNX model ({exc})") from None
+
+
+def export(scorer: nn.Module, input_size: int, path: Path) -> Path:
+    """Write `scorer` to `path` as ONNX with a dynamic batch dimension."""
+    import onnx
+    import torch
+
+    scorer = scorer.eval().to(memory_format=torch.contiguous_format)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's tracing chatter is not the user's business
+        torch.onnx.export(
+            scorer,
+            (torch.zeros(2, 1, input_size, input_size),),
+            str(tmp),
+            input_names=["image"],
+            output_names=["logit", "ood_score"],
+            dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}, "ood_score": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+            # Folding BatchNorm into the convolutions would change weights that fp16 holds
+            # exactly into ones it does not; ONNX Runtime folds them itself, in fp32, at start.
+            do_constant_folding=False,
+        )
+    graph = onnx.load(str(tmp))
+    _store_exact_fp16(graph)
+    onnx.save(graph, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def _store_exact_fp16(model: Any) -> None:
+    """Store each fp32 initializer that fp16 represents exactly as fp16, cast back in the graph."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    casts = []
+    for init in list(graph.initializer):
+        values = numpy_helper.to_array(init)
+        if values.dtype != np.float32 or values.size < 64:
+            continue
+        half = values.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), values):
+            continue
+        graph.initializer.remove(init)
+        graph.initializer.append(numpy_helper.from_array(half, f"{init.name}.fp16"))
+        casts.append(
+            helper.make_node("Cast", [f"{init.name}.fp16"], [init.name], to=TensorProto.FLOAT)
+        )
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
