@@ -143,9 +143,13 @@ def test_a_damaged_or_foreign_checkpoint_is_refused(small_data: Path, tmp_path: 
             _quick("dense", epochs=2, seed=2), small_data, tmp_path, "cpu", resume=True, log=_silent
         )
     checkpoint = tmp_path / train.CHECKPOINT_FILE
-    checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
-    with pytest.raises(PneumoscanError, match="damaged"):
-        train.train(cfg, small_data, tmp_path, "cpu", resume=True, log=_silent)
+    intact = checkpoint.read_bytes()
+    flipped = bytearray(intact)
+    flipped[len(intact) // 2] ^= 0x01  # one bit, deep inside the tensors
+    for damaged in (intact[:5000], bytes(flipped), b""):
+        checkpoint.write_bytes(damaged)
+        with pytest.raises(PneumoscanError, match="damaged"):
+            train.train(cfg, small_data, tmp_path, "cpu", resume=True, log=_silent)
 
 
 @pytest.mark.slow
@@ -197,3 +201,27 @@ def test_kill_9_mid_run_then_resume_gives_the_same_weights(
     a = load_file(str(tmp_path / "straight" / "weights.safetensors"))
     b = load_file(str(killed / "weights.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["dense", "transfer"])
+def test_ddp_with_two_cpu_processes_ends_with_one_set_of_weights(
+    small_data: Path, tmp_path: Path, model: str
+) -> None:
+    """Two gloo processes train together; every rank must end with the same weights."""
+    import subprocess
+    import sys
+
+    out = tmp_path / model
+    command = [
+        *(sys.executable, "-m", "pneumoscan", "train", "--model", model),
+        *("--data", str(small_data), "--out", str(out), "--max-steps", "4"),
+        *("--device", "cpu", "--devices", "2"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "x 2 processes" in result.stderr
+    assert "all 2 processes hold identical weights" in result.stderr
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["training"]["processes"] == 2
+    assert bundle.load(out).probabilities(np.zeros((1, 128, 128), np.uint8)).shape == (1,)

@@ -50,6 +50,12 @@ def train(
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt."),
     force: bool = typer.Option(False, "--force", help="Overwrite a model already in OUT."),
+    devices: int = typer.Option(
+        1,
+        "--devices",
+        min=1,
+        help="Train in N processes with DDP (GPUs, or CPU processes); several machines: torchrun.",
+    ),
 ) -> None:
     """Train one model; validation is carved from train by patient, test is never read."""
     from pneumoscan import train as training
@@ -66,7 +72,10 @@ def train(
         force=force,
         log=_stderr,
         progress=sys.stderr.isatty(),
+        devices=devices,
     )
+    if loaded is None:
+        return  # a rank other than 0 under torchrun: rank 0 wrote the model
     points = loaded.meta["operating_points"]
     typer.echo(
         f"{out}: validation AUC {loaded.meta['validation']['auc']:.4f}; thresholds "

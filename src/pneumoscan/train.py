@@ -1,12 +1,20 @@
 """Training, top to bottom: data, model, loop, best checkpoint, calibration and thresholds.
 
 Validation is carved from train by patient; the test split is never read here.
+
+Several devices train one model with PyTorch's DistributedDataParallel: `devices=N` starts N
+local processes (gloo on CPUs, NCCL on GPUs), and under `torchrun` (several machines) the
+process group comes from its environment. Each global batch is split across the ranks, whose
+gradients DDP averages; rank 0 validates, decides, and writes checkpoints and the model.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -15,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from pneumoscan import bundle, data, guard, metrics
@@ -22,6 +31,7 @@ from pneumoscan.errors import PneumoscanError
 from pneumoscan.models import MODEL_NAMES, create_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_MAGIC = b"pneumoscan-checkpoint sha256="
 
 
 @dataclass
@@ -173,8 +183,13 @@ def train(
     force: bool = False,
     log: Callable[[str], None] = print,
     progress: bool = True,
-) -> bundle.LoadedModel:
-    """Train one model and write it to `out_dir` as a model folder."""
+    devices: int = 1,
+) -> bundle.LoadedModel | None:
+    """Train one model and write it to `out_dir` as a model folder.
+
+    With `devices` > 1, that many processes train it together (see the module's docstring).
+    Returns the model; None on the ranks other than 0 of a distributed run.
+    """
     out_dir = Path(out_dir)
     checkpoint_path = out_dir / CHECKPOINT_FILE
     if (out_dir / bundle.META_FILE).exists() and not (resume or force):
@@ -184,6 +199,13 @@ def train(
     if resume and not checkpoint_path.exists():
         raise PneumoscanError(f"--resume: no checkpoint in {out_dir}; start without --resume")
     device = pick_device(device_name)
+    if devices > 1 and not dist.is_initialized():
+        _spawn(devices, device, cfg, data_root, out_dir, resume, log, progress)
+        return bundle.load(out_dir)
+    rank, world, device = _join_process_group(device)
+    main = rank == 0
+    if not main:
+        log, progress = _silent, False
     start_time = time.perf_counter()
     torch.manual_seed(cfg.seed)
     d = _prepare_data(Path(data_root), cfg)
@@ -192,6 +214,7 @@ def train(
     log(
         f"data: {len(d.train_idx)} train / {len(d.val_idx)} validation images "
         f"({d.n_val_patients} validation patients), {cfg.image_size}px, device {device}"
+        + (f" x {world} processes" if world > 1 else "")
     )
 
     network = create_model(cfg.model, cfg.image_size, **cfg.model_args)
@@ -210,7 +233,9 @@ def train(
         )
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    # The epochs' order is shared by all ranks; augmentation draws differ per rank.
+    gen = torch.Generator().manual_seed(cfg.seed + rank)
+    order_gen = gen if world == 1 else torch.Generator().manual_seed(cfg.seed)
     train_labels = d.labels[d.train_idx]
     counts = np.bincount(train_labels, minlength=2)
     class_weight = torch.tensor(
@@ -237,7 +262,11 @@ def train(
                 for view in range(cfg.feature_views)
             ]
         )
-        val_features = _trunk_features(network.trunk, d.images, d.val_idx, device, cfg.batch_size)
+        val_features = None
+        if main:
+            val_features = _trunk_features(
+                network.trunk, d.images, d.val_idx, device, cfg.batch_size
+            )
         log(
             f"cached frozen-base features of {cfg.feature_views} view(s) in {time.perf_counter() - t0:.1f}s"
         )
@@ -251,14 +280,18 @@ def train(
         "history": [],
     }
     if resume:
-        ckpt = _load_checkpoint(checkpoint_path, cfg)
+        ckpt = _load_checkpoint(checkpoint_path, cfg, world)
         network.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        gen.set_state(ckpt["gen_state"])
+        gen.set_state(ckpt["gen_states"][rank])
+        order_gen.set_state(ckpt["order_gen_state"])
         torch.set_rng_state(ckpt["torch_rng"])
         state = {k: ckpt[k] for k in state}
         log(f"resumed from {checkpoint_path} after epoch {state['epoch']}")
+    trained = network.head if features is not None else network
+    if world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(trained)
 
     def batch_input(idx_positions: np.ndarray) -> torch.Tensor:
         if features is not None:
@@ -290,17 +323,17 @@ def train(
     stop = False
     for epoch in range(state["epoch"] + 1, epochs + 1):
         network.train()
-        order = torch.randperm(len(d.train_idx), generator=gen).numpy()
+        order = torch.randperm(len(d.train_idx), generator=order_gen).numpy()
         running, seen = 0.0, 0
         bar = _progress(progress, steps_per_epoch, f"epoch {epoch}/{epochs}")
         for start in range(0, len(order), cfg.batch_size):
-            positions = order[start : start + cfg.batch_size]
-            if len(positions) < 2:
-                continue  # BatchNorm needs two samples
+            positions = order[start : start + cfg.batch_size][rank::world]  # this rank's share
+            if len(order[start : start + cfg.batch_size]) < 2 * world:
+                continue  # BatchNorm needs two samples on every rank
             x = batch_input(positions)
             y = torch.from_numpy(train_labels[positions]).to(device)
             with _autocast(device):
-                out = network.head(x).squeeze(1) if features is not None else network(x)
+                out = trained(x).reshape(-1)
             loss = F.binary_cross_entropy_with_logits(
                 out.float(), y.float(), weight=class_weight[y]
             )
@@ -316,7 +349,9 @@ def train(
                 stop = True
                 break
         bar.close()
-        val_loss, val_auc = validate()
+        if world > 1:
+            _sync_buffers(network)  # BatchNorm statistics: rank 0's, as DDP's forward does
+        val_loss, val_auc = _on_rank_0(validate, main, world)
         improved = val_auc > state["best_auc"]
         if improved:
             state.update(
@@ -338,15 +373,26 @@ def train(
             f"epoch {epoch:>3}/{epochs}  train loss {running / max(seen, 1):.4f}  "
             f"val loss {val_loss:.4f}  val AUC {val_auc:.4f}{'  *best' if improved else ''}"
         )
-        _save_checkpoint(checkpoint_path, network, optimizer, scheduler, gen, state, cfg)
+        gen_states = [gen.get_state()]
+        if world > 1:
+            gen_states = [None] * world
+            dist.all_gather_object(gen_states, gen.get_state())
+        if main:
+            rngs = {"gen_states": gen_states, "order_gen_state": order_gen.get_state()}
+            _save_checkpoint(checkpoint_path, network, optimizer, scheduler, rngs, state, cfg)
         if epoch - state["best_epoch"] >= cfg.patience:
             log(f"early stop: no validation AUC gain for {cfg.patience} epochs")
             break
         if stop:
             break
 
+    if world > 1:
+        _check_ranks_agree(network, world, log)
+        if not main:
+            return None
     network.load_state_dict(state["best_state"])
     meta = _describe(cfg, d, state, device, time.perf_counter() - start_time)
+    meta["training"]["processes"] = world
     network.to("cpu")
     bundle.save(out_dir, network, meta)
     loaded = fit_postprocessing(bundle.load(out_dir), data_root)
@@ -473,37 +519,138 @@ def _describe(cfg: TrainConfig, d: _Data, state: dict, device: torch.device, wal
     }
 
 
-def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
-    """The checkpoint of an interrupted run of the same config; a clear error otherwise."""
+def _load_checkpoint(path: Path, cfg: TrainConfig, world: int) -> dict:
+    """The checkpoint of an interrupted run of the same config; a clear error otherwise.
+
+    The file is a header line with the SHA-256 of what follows, then torch's own format: a
+    flipped bit anywhere is caught, not only where torch's zip reader happens to look.
+    """
+    damaged = PneumoscanError(
+        f"{path}: checkpoint is damaged or not a pneumoscan checkpoint; "
+        "delete it and train again without --resume"
+    )
+    raw = path.read_bytes()
+    header, _, body = raw.partition(b"\n")
+    if not header.startswith(CHECKPOINT_MAGIC):
+        raise damaged
+    if (
+        header[len(CHECKPOINT_MAGIC) :].decode("ascii", "replace")
+        != hashlib.sha256(body).hexdigest()
+    ):
+        raise damaged
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # torch raises many types for truncated or foreign files
-        raise PneumoscanError(
-            f"{path}: checkpoint is damaged or not a pneumoscan checkpoint; "
-            "delete it and train again without --resume"
-        ) from None
+        ckpt = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+    except Exception:  # torch raises many types for foreign files
+        raise damaged from None
     if ckpt.get("config") != asdict(cfg):
         raise PneumoscanError(
             f"{path}: checkpoint was written with another config; resume with the same "
             "options, or train again without --resume"
         )
+    if len(ckpt["gen_states"]) != world:
+        raise PneumoscanError(
+            f"{path}: checkpoint was written by {len(ckpt['gen_states'])} process(es); "
+            f"resume with --devices {len(ckpt['gen_states'])}"
+        )
     return ckpt
 
 
-def _save_checkpoint(path: Path, network, optimizer, scheduler, gen, state, cfg) -> None:
+def _save_checkpoint(path: Path, network, optimizer, scheduler, rngs, state, cfg) -> None:
+    """Write the run's state atomically (temporary file, then rename), with its checksum."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": network.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "gen_state": gen.get_state(),
         "torch_rng": torch.get_rng_state(),
         "config": asdict(cfg),
+        **rngs,
         **state,
     }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    body = buffer.getvalue()
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(payload, tmp)
+    with tmp.open("wb") as handle:
+        handle.write(CHECKPOINT_MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n")
+        handle.write(body)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+def _spawn(devices: int, device: torch.device, cfg, data_root, out_dir, resume, log, progress):
+    """Run `train` in `devices` local processes joined in one process group."""
+    import torch.multiprocessing as mp
+
+    if device.type == "cuda" and devices > torch.cuda.device_count():
+        raise PneumoscanError(f"--devices {devices}: only {torch.cuda.device_count()} GPU(s) here")
+    with socket.socket() as probe:  # a free port for the rendezvous on this machine
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = (devices, port, device.type, cfg, data_root, out_dir, resume, log, progress)
+    try:
+        mp.start_processes(_worker, args=args, nprocs=devices, start_method="spawn")
+    except mp.ProcessRaisedException as exc:  # its message is the worker's whole traceback
+        raise PneumoscanError(str(exc).strip().splitlines()[-1].split(": ", 1)[-1]) from None
+
+
+def _worker(rank, world, port, device_type, cfg, data_root, out_dir, resume, log, progress):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
+    if device_type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    try:
+        train(cfg, data_root, out_dir, device_type, resume, True, log, progress)
+    finally:
+        dist.destroy_process_group()
+
+
+def _join_process_group(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, this rank's device): from torchrun's or _spawn's environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _on_rank_0(compute: Callable[[], tuple], main: bool, world: int) -> tuple:
+    """`compute()` on rank 0, its result on every rank."""
+    result = [compute() if main else None]
+    if world > 1:
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+def _sync_buffers(network: torch.nn.Module) -> None:
+    for buffer in network.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def _check_ranks_agree(network: torch.nn.Module, world: int, log: Callable[[str], None]) -> None:
+    """Every rank must end with the same weights; a difference is a bug, never ignored."""
+    digest = hashlib.sha256()
+    for name, tensor in network.state_dict().items():
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    digests = [None] * world
+    dist.all_gather_object(digests, digest.hexdigest())
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"distributed training: the ranks' weights differ ({digests})")
+    log(f"all {world} processes hold identical weights (sha256 {digests[0][:12]})")
 
 
 class _NullBar:
