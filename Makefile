@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PNEUMOSCAN_DATA ?= ./data/chest_xray
 export PNEUMOSCAN_DATA
 
-.PHONY: run test lint format clean browser
+.PHONY: run test lint format clean browser stress
 
 $(BIN)/pneumoscan: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ run: $(BIN)/pneumoscan
 	  echo "$(PNEUMOSCAN_DATA)/{train,val,test}/{NORMAL,PNEUMONIA}/ exist." >&2; \
 	  exit 2; fi
 	$(BIN)/pneumoscan evaluate --model dense --model cnn --model transfer --data "$(PNEUMOSCAN_DATA)" --split test
+
+## Load test of `pneumoscan serve`: 2,000 test images of $PNEUMOSCAN_DATA from 32 clients;
+## fails on any error or on memory growth (bench/stress.py; figures in bench/results/stress.jsonl).
+stress: $(BIN)/pneumoscan
+	$(BIN)/python bench/stress.py --data "$(PNEUMOSCAN_DATA)"
 
 ## Lint, then the whole test suite (pytest's "no tests collected" counts as a failure).
 test: $(BIN)/pneumoscan lint browser

@@ -1,8 +1,17 @@
-"""Test helpers shared by several test files: DICOM files built from real pixels."""
+"""Test helpers shared by several test files: DICOM files built from real pixels, a server."""
 
+import contextlib
 import io
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import numpy as np
+import pytest
 from pydicom import uid
 from pydicom.config import disable_value_validation
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
@@ -35,3 +44,44 @@ def dicom_bytes(ds: Dataset) -> bytes:
     with disable_value_validation():  # some cases are broken on purpose
         ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def serving(options: list[str], log: Path, wait_s: float = 180) -> Iterator[tuple[str, int]]:
+    """`pneumoscan serve OPTIONS` in its own process on a free 127.0.0.1 port, output to `log`.
+
+    Yields (host, port) once /api/v1/health answers; stops the server at the end.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        host, port = probe.getsockname()
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pneumoscan", "serve", "--port", str(port), *options],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            if process.poll() is not None:
+                pytest.fail(
+                    f"pneumoscan serve exited with {process.returncode}:\n{log.read_text()}"
+                )
+            try:
+                health = f"http://{host}:{port}/api/v1/health"
+                if httpx.get(health, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"pneumoscan serve did not answer in {wait_s:g} s:\n{log.read_text()}")
+            time.sleep(0.1)
+        yield host, port
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

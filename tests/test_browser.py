@@ -8,15 +8,11 @@ import csv
 import io
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import dicom_bytes, dicom_dataset
+from helpers import dicom_bytes, dicom_dataset, serving
 
 from pneumoscan import reader
 
@@ -38,50 +34,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
     """`pneumoscan serve` on a free local port; its base URL."""
     model = os.environ.get("PNEUMOSCAN_BROWSER_MODEL") or str(
         request.getfixturevalue("tiny_models")["cnn"]
     )
-    port = _free_port()
     log = tmp_path_factory.mktemp("server") / "serve.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pneumoscan", "serve", "--port", str(port), "--model", model],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                pytest.fail(
-                    f"pneumoscan serve exited with {process.returncode}:\n{log.read_text()}"
-                )
-            try:
-                if httpx.get(url + "api/v1/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"pneumoscan serve did not answer in 180 s:\n{log.read_text()}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with serving(["--model", model], log) as (host, port):
+        yield f"http://{host}:{port}/"
 
 
 def test_upload_shows_label_probability_and_heatmap(

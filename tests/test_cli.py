@@ -28,6 +28,12 @@ def test_help_per_command(command: str) -> None:
         (["evaluate", "--model", "resnet", "--data", "."], "--model resnet: not a bundled model"),
         (["evaluate", "--data", "/no/such/folder"], "data folder /no/such/folder does not exist"),
         (["train", "--model", "vgg", "--data", ".", "--out", "x"], "--model 'vgg': choose one of"),
+        # Mistakes typer itself catches (it raises its bundled click's errors) are one line too.
+        (["predict", "--nope"], "No such option: --nope"),
+        (["serve", "--port", "0"], "Invalid value for '--port'"),
+        (["train", "--model", "dense"], "Missing option '--data'"),
+        (["predict", "x.png", "--shard", "5/4"], "--shard '5/4'"),
+        (["nope"], "No such command 'nope'"),
     ],
 )
 def test_user_mistakes_give_one_line_and_non_zero_exit(

@@ -78,12 +78,12 @@ def test_predict_on_the_cpu_never_imports_torch(xray_files: list[Path]) -> None:
 
 def test_shards_cover_every_file_once(tmp_path: Path) -> None:
     files = [tmp_path / f"{i}.png" for i in range(10)]
-    parts = [predict.shard(files, f"{i}/3") for i in (1, 2, 3)]
+    parts = [files[predict.parse_shard(f"{i}/3")] for i in (1, 2, 3)]
     assert sorted(f for part in parts for f in part) == sorted(files)
     assert [len(p) for p in parts] == [4, 3, 3]
     for bad in ("0/3", "4/3", "1", "a/b", "1/0"):
         with pytest.raises(PneumoscanError, match="--shard"):
-            predict.shard(files, bad)
+            predict.parse_shard(bad)
 
 
 def test_export_command_writes_a_dynamic_batch_model(

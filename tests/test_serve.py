@@ -270,7 +270,9 @@ def test_concurrent_requests_get_their_own_results(
         ]
     for got, want in zip(asyncio.run(run()), expected, strict=True):
         assert [r["file"] for r in got] == [r["file"] for r in want]
-        assert [r["probability"] for r in got] == pytest.approx([r["probability"] for r in want])
+        # Heatmap requests score in torch, the others with ONNX Runtime: equal within 1e-4.
+        probabilities = [r["probability"] for r in want]
+        assert [r["probability"] for r in got] == pytest.approx(probabilities, abs=1e-4)
 
 
 def test_page_docs_and_schema_are_served(client: TestClient) -> None:

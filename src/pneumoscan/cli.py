@@ -194,11 +194,11 @@ def predict(
         raise PneumoscanError("--json and --csv: choose one")
     if csv_file is not None and csv_file.exists() and not force:
         raise PneumoscanError(f"--csv {csv_file}: file exists; pass --force to overwrite it")
+    part = screening.parse_shard(shard) if shard is not None else slice(None)
     files = screening.expand_paths(paths)
     if not files:
         raise PneumoscanError(f"no image files found in {', '.join(str(p) for p in paths)}")
-    if shard is not None:
-        files = screening.shard(files, shard)
+    files = files[part]
     if backend == "torch" or heatmaps is not None:
         loaded = bundle.load(model)
     else:
@@ -259,13 +259,21 @@ def serve(
     max_file_mb: float = typer.Option(
         20, "--max-file-mb", min=0.001, help="Largest accepted upload, per file, in MB."
     ),
+    body_timeout: float = typer.Option(
+        30,
+        "--body-timeout",
+        min=0.1,
+        help="Seconds a client may pause mid-upload before it gets a 408 (stalled client).",
+    ),
 ) -> None:
     """Serve the screening page at / and the JSON API at /api/v1 (documented at /docs)."""
     import uvicorn
 
     from pneumoscan import serve as service
 
-    web = service.create_app(model, max_file_bytes=round(max_file_mb * service.MB))
+    web = service.create_app(
+        model, max_file_bytes=round(max_file_mb * service.MB), body_timeout=body_timeout
+    )
     _stderr(
         f"serving the {web.state.model.name} model on http://{host}:{port}/ (API docs at /docs); "
         "research tool, not a medical device"
@@ -277,20 +285,25 @@ def main() -> None:
     """Console entry point: user mistakes become one line on stderr and exit code 1."""
     import click
 
+    try:  # typer >= 0.2x raises the errors of its own bundled copy of click
+        from typer.exceptions import TyperException
+    except ImportError:
+        TyperException = click.ClickException
+
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     try:
         code = app(standalone_mode=False)
-    except click.UsageError as exc:
-        command = exc.ctx.command_path if exc.ctx else "pneumoscan"
-        _stderr(f"error: {exc.format_message()} (see `{command} --help`)")
-        sys.exit(1)
-    except click.ClickException as exc:
-        _stderr(f"error: {exc.format_message()}")
+    except (click.ClickException, TyperException) as exc:
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        if hasattr(exc, "ctx"):  # a usage error: point at the command's help
+            command = exc.ctx.command_path if exc.ctx else "pneumoscan"
+            message += f" (see `{command} --help`)"
+        _stderr(f"error: {message}")
         sys.exit(1)
     except PneumoscanError as exc:
         _stderr(f"error: {exc}")
         sys.exit(1)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, click.exceptions.Abort, typer.Abort):
         _stderr("interrupted")
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

@@ -92,11 +92,9 @@ def _decode(source: Source, size: int, keep_original: bool) -> _Decoded:
         return _Decoded(name, stem, image, original if keep_original else None)
     except ImageReadError as exc:
         return _Decoded(name, stem, error=str(exc))
-    except MemoryError:
-        return _Decoded(name, stem, error=f"{name}: not enough memory to decode this image")
 
 
-def shard(files: list[Path], spec: str) -> list[Path]:
+def parse_shard(spec: str) -> slice:
     """Part I of N (`spec` "I/N", 1 <= I <= N) of a file list: every N-th file from the I-th.
 
     Workers given the same paths and each its own I cover every file exactly once.
@@ -104,7 +102,7 @@ def shard(files: list[Path], spec: str) -> list[Path]:
     index, _, count = spec.partition("/")
     if not (index.isdigit() and count.isdigit() and 1 <= int(index) <= int(count)):
         raise PneumoscanError(f"--shard {spec!r}: write I/N with 1 <= I <= N, e.g. 1/4")
-    return files[int(index) - 1 :: int(count)]
+    return slice(int(index) - 1, None, int(count))
 
 
 def predict(

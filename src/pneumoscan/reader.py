@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import struct
 import warnings
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,11 +23,16 @@ from pneumoscan.errors import ImageReadError
 
 if TYPE_CHECKING:
     from pydicom import Dataset
+    from pydicom.uid import UID
 
 MAX_PIXELS = 50_000_000  # ~7000x7000: larger than any radiograph, smaller than a bomb
 MIN_SIDE = 16
+MAX_JPEG_SCANS = 100  # encoders write about 10; each scan re-decodes the whole image
+MAX_INFLATED = 4 * MAX_PIXELS  # bytes: a deflated DICOM of 16-bit grey or 8-bit RGB at the limit
 VERSION = 1  # bump when read_image or resize changes the pixels: it keys the decode cache
 DATASET_SIDE = 224  # every training image is 224x224 (the originals squashed with Lanczos)
+_UNSUPPORTED = "not a supported image (use JPEG, PNG or DICOM)"
+_BROKEN_DICOM = "broken or truncated DICOM file; export it again from the PACS or modality"
 
 
 def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
@@ -41,18 +48,28 @@ def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarra
         raise ImageReadError(f"{label}: cannot read file ({exc.strerror or exc})") from None
     if not data:
         raise ImageReadError(f"{label}: file is empty")
-    if _is_dicom(data, label):
-        return _decode_dicom(data, label)
-    return _decode_pil(data, label)
+    try:
+        if _is_dicom(data, label):
+            return _decode_dicom(data, label)
+        return _decode_pil(data, label)
+    except MemoryError:
+        # Bombs are refused from their headers before this: this is a real image, too large now.
+        raise ImageReadError(f"{label}: not enough memory to decode this image") from None
 
 
 def _decode_pil(data: bytes, label: str) -> np.ndarray:
     try:
         with warnings.catch_warnings():
-            # Our own pixel limit (below) is stricter than Pillow's warning threshold.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow warns of what it tolerates (corrupt EXIF, a size under our own pixel limit):
+            # nothing a user could act on, and noise in a batch of thousands.
+            warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(data))
+            if img.format == "EPS":
+                # Pillow renders EPS by running Ghostscript on it: a program, not an image.
+                raise ImageReadError(f"{label}: {_UNSUPPORTED}")
             _check_header(img, label)
+            if img.format in ("JPEG", "MPO"):
+                _check_jpeg_scans(data, label)
             img.load()
             return to_grey_uint8(img)
     except ImageReadError:
@@ -62,7 +79,11 @@ def _decode_pil(data: bytes, label: str) -> np.ndarray:
             f"{label}: image exceeds the limit of {MAX_PIXELS:,} pixels; refused"
         ) from None
     except UnidentifiedImageError:
-        raise ImageReadError(f"{label}: not a supported image (use JPEG, PNG or DICOM)") from None
+        if data.startswith((b"\xff\xd8", b"\x89PNG")):  # a JPEG or PNG signature, then garbage
+            raise ImageReadError(
+                f"{label}: broken or truncated image (unreadable header)"
+            ) from None
+        raise ImageReadError(f"{label}: {_UNSUPPORTED}") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageReadError(f"{label}: broken or truncated image ({exc})") from None
 
@@ -76,7 +97,9 @@ def _is_dicom(data: bytes, label: str) -> bool:
         return False
     try:
         with _quiet_pydicom():
-            return "PixelData" in _parse_dicom(data)
+            return "PixelData" in _parse_dicom(data, label)
+    except (ImageReadError, MemoryError):
+        raise
     except Exception:
         return False
 
@@ -90,7 +113,7 @@ def _decode_dicom(data: bytes, label: str) -> np.ndarray:
 
     try:
         with _quiet_pydicom():
-            ds = _parse_dicom(data)
+            ds = _parse_dicom(data, label)
             _check_dicom_header(ds, label)
             # Frame 0 only: surplus pixel bytes would otherwise come back as extra frames.
             ds.pixel_array_options(index=0)
@@ -107,13 +130,11 @@ def _decode_dicom(data: bytes, label: str) -> np.ndarray:
                     # Invert before scaling, so 8-bit data stored in more bits comes back exactly.
                     values = float(np.min(ends)) + float(np.max(ends)) - values
             return _stretch(values, ends)
-    except ImageReadError:
+    except (ImageReadError, MemoryError):
         raise
     except Exception:
         # pydicom raises many types for malformed files, and their text can quote header values.
-        raise ImageReadError(
-            f"{label}: broken or truncated DICOM file; export it again from the PACS or modality"
-        ) from None
+        raise ImageReadError(f"{label}: {_BROKEN_DICOM}") from None
 
 
 @contextlib.contextmanager
@@ -132,11 +153,12 @@ def _quiet_pydicom() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _parse_dicom(data: bytes) -> Dataset:
+def _parse_dicom(data: bytes, label: str) -> Dataset:
     # Imported here, not at the top: pydicom costs start-up time that JPEG and PNG users skip.
     import pydicom
     from pydicom import uid
 
+    _check_inflated_size(data, label)
     ds = pydicom.dcmread(io.BytesIO(data), force=True)
     if "TransferSyntaxUID" not in ds.file_meta:
         # Files without a meta header are always uncompressed, in the encoding parsing found.
@@ -150,8 +172,32 @@ def _parse_dicom(data: bytes) -> Dataset:
     return ds
 
 
+def _check_inflated_size(data: bytes, label: str) -> None:
+    """pydicom inflates a deflated data set whole, however large: measure it first, in pieces."""
+    from pydicom import uid
+    from pydicom.filereader import read_dataset, read_preamble
+
+    fp = io.BytesIO(data)
+    read_preamble(fp, force=True)
+    # pydicom reads the file meta this way too (explicit VR, or implicit where it finds that).
+    meta = read_dataset(fp, False, True, stop_when=lambda tag, *_: tag.group != 2)
+    if meta.get("TransferSyntaxUID") != uid.DeflatedExplicitVRLittleEndian:
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    view = memoryview(data)
+    inflated = 0
+    # Deflate expands 1032-fold at most, so a 16 kB piece inflates to 17 MB at most.
+    for piece in range(fp.tell(), len(data), 1 << 14):
+        inflated += len(inflater.decompress(view[piece : piece + (1 << 14)]))
+        if inflated > MAX_INFLATED:
+            raise ImageReadError(
+                f"{label}: deflated DICOM data expands past {MAX_INFLATED:,} bytes; refused"
+            )
+
+
 def _check_dicom_header(ds: Dataset, label: str) -> None:
     """Refuse from the header alone, before a single pixel is decoded."""
+    from pydicom import uid
     from pydicom.pixels import get_decoder
 
     if "PixelData" not in ds:
@@ -187,6 +233,54 @@ def _check_dicom_header(ds: Dataset, label: str) -> None:
             f"{label}: DICOM transfer syntax {shown} cannot be decoded here;"
             " export it uncompressed (Explicit VR Little Endian)"
         )
+    if syntax.is_encapsulated and syntax != uid.RLELossless:  # RLE frames carry no size
+        _check_frame_header(ds, syntax, label)
+
+
+def _check_frame_header(ds: Dataset, syntax: UID, label: str) -> None:
+    """Decoders size their output from a compressed frame's own header: it must match the DICOM's."""
+    from pydicom import uid
+    from pydicom.encaps import get_frame
+
+    frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+    found = _frame_geometry(frame, j2k=syntax in uid.JPEG2000TransferSyntaxes)
+    if found is None:
+        raise ImageReadError(f"{label}: {_BROKEN_DICOM}")
+    declared = int(ds.Columns), int(ds.Rows), int(ds.get("SamplesPerPixel", 1))
+    if found[:2] != declared[:2] or found[2] > declared[2]:
+        raise ImageReadError(
+            f"{label}: compressed frame ({found[0]}x{found[1]}, {found[2]} per pixel) does not"
+            f" match the DICOM header ({declared[0]}x{declared[1]}, {declared[2]} per pixel);"
+            " refused"
+        )
+    if syntax in uid.JPEGTransferSyntaxes:
+        _check_jpeg_scans(frame, label)
+
+
+_SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}  # JPEG's and JPEG-LS's
+
+
+def _frame_geometry(frame: bytes, j2k: bool) -> tuple[int, int, int] | None:
+    """Columns, rows and samples per pixel from a JPEG, JPEG-LS or JPEG 2000 frame header."""
+    try:
+        if j2k:
+            siz = frame.index(b"\xff\x4f\xff\x51") + 2  # the codestream opens with SOC, then SIZ
+            width, height, left, top = struct.unpack_from(">4I", frame, siz + 6)
+            (samples,) = struct.unpack_from(">H", frame, siz + 38)
+            return width - left, height - top, samples
+        at = 2  # after SOI, segments (each with its length) until the start of frame
+        while frame[at] == 0xFF:
+            marker = frame[at + 1]
+            if marker in _SOF_MARKERS:
+                rows, columns, samples = struct.unpack_from(">HHB", frame, at + 5)
+                return columns, rows, samples
+            if marker == 0xFF:  # a fill byte
+                at += 1
+                continue
+            at += 2 + struct.unpack_from(">H", frame, at + 2)[0]
+    except (ValueError, IndexError, struct.error):
+        pass
+    return None
 
 
 def _stored_range(ds: Dataset) -> tuple[int, int]:
@@ -219,8 +313,22 @@ def _check_header(img: Image.Image, label: str) -> None:
         )
     if min(width, height) < MIN_SIDE:
         raise ImageReadError(f"{label}: {width}x{height} pixels is too small to be a chest X-ray")
-    if getattr(img, "n_frames", 1) > 1:
+    # An MPO is a camera JPEG whose extra images (thumbnail, depth, gain map) follow the picture.
+    if getattr(img, "n_frames", 1) > 1 and img.format != "MPO":
         raise ImageReadError(f"{label}: animated or multi-frame image; give a single frame")
+
+
+def _check_jpeg_scans(data: bytes, label: str) -> None:
+    """Refuse a JPEG whose scans would take minutes: a few kB can hold thousands of them.
+
+    Counting FF DA is exact for the image data (an FF in compressed data is followed by 00 or a
+    restart marker); metadata quoting it can only make the count larger.
+    """
+    scans = data.count(b"\xff\xda")
+    if scans > MAX_JPEG_SCANS:
+        raise ImageReadError(
+            f"{label}: {scans} JPEG scans exceeds the limit of {MAX_JPEG_SCANS}; refused"
+        )
 
 
 def to_grey_uint8(img: Image.Image) -> np.ndarray:

@@ -1,12 +1,14 @@
 """The web app: a JSON API and a one-page screening tool over the same `predict` as the CLI.
 
-The model is loaded once, when the app is created. Uploads are read into memory and scored in
-a worker thread, one request at a time (a lock: Grad-CAM hooks into the network, and torch
-modules are not guaranteed re-entrant); nothing from a request outlives its response.
+The model is loaded once, when the app is created, and scores with ONNX Runtime; its torch
+twin is loaded for the first heatmap asked for (Grad-CAM needs gradients). Uploads are read into
+memory and scored in a worker thread, one request at a time (a lock: Grad-CAM hooks into the
+network, and the cores are busy anyway); nothing from a request outlives its response.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import threading
 from importlib import resources
@@ -21,13 +23,14 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pneumoscan import __version__, bundle
+from pneumoscan import __version__, bundle, runtime
 from pneumoscan import predict as screening
 from pneumoscan.errors import PneumoscanError
 
 MB = 1024 * 1024
 MAX_FILE_BYTES = 20 * MB
 MAX_FILES = 20
+BODY_TIMEOUT_S = 30.0
 PART_OVERHEAD = 16 * 1024  # a multipart part's boundary and headers, generously
 STATIC = Path(str(resources.files("pneumoscan") / "static"))
 # The page loads nothing from elsewhere; thumbnails are object URLs, heatmaps data URLs.
@@ -41,10 +44,17 @@ PAGE_HEADERS = {
 
 
 def create_app(
-    model: str | Path, max_file_bytes: int = MAX_FILE_BYTES, max_files: int = MAX_FILES
+    model: str | Path,
+    max_file_bytes: int = MAX_FILE_BYTES,
+    max_files: int = MAX_FILES,
+    body_timeout: float = BODY_TIMEOUT_S,
 ) -> FastAPI:
-    """The app serving `model` (a bundled name or a model folder); loads it now, once."""
-    loaded = bundle.load(model)
+    """The app serving `model` (a bundled name or a model folder); loads it now, once.
+
+    A client that sends no part of its unfinished request body for `body_timeout` s gets a 408.
+    """
+    loaded = runtime.load(model)  # scores with ONNX Runtime: fast, and no torch in memory
+    explainer: list[bundle.LoadedModel] = []  # the torch model, loaded for the first heatmap
     card = model_card(loaded, max_file_bytes, max_files)
     lock = threading.Lock()
     app = FastAPI(
@@ -53,11 +63,16 @@ def create_app(
         description="Pneumonia detection in chest X-rays. Research tool, not a medical device.",
     )
     app.state.model = loaded
-    app.add_middleware(BodyLimit, max_bytes=max_files * (max_file_bytes + PART_OVERHEAD))
+    app.add_middleware(
+        BodyLimit, max_bytes=max_files * (max_file_bytes + PART_OVERHEAD), timeout=body_timeout
+    )
 
     def score(sources: list[tuple[str, bytes]], mode: str, heatmap: bool) -> list[dict]:
         with lock:
-            results = list(screening.predict(loaded, sources, mode, explain=heatmap))
+            if heatmap and not explainer:
+                explainer.append(bundle.load(model))
+            scorer = explainer[0] if heatmap else loaded
+            results = list(screening.predict(scorer, sources, mode, explain=heatmap))
         return [_result(r) for r in results]
 
     @app.post("/api/v1/predict")
@@ -108,7 +123,7 @@ def create_app(
     return app
 
 
-def model_card(loaded: bundle.LoadedModel, max_file_bytes: int, max_files: int) -> dict:
+def model_card(loaded: bundle.ModelCard, max_file_bytes: int, max_files: int) -> dict:
     """What model.json says about a model that its users need, plus this server's limits."""
     meta = loaded.meta
     test = meta.get("test") or {}
@@ -160,13 +175,20 @@ def _size(n: int) -> str:
 
 
 class BodyLimit:
-    """413 for a request body over `max_bytes`: refused from Content-Length before reading when
-    it is declared, and counted as it arrives, so a missing or false Content-Length is caught too.
+    """Bounds a request body in size and in time.
+
+    413 for a body over `max_bytes`: refused from Content-Length before reading when it is
+    declared, and counted as it arrives, so a missing or false Content-Length is caught too.
+    408 when `timeout` seconds pass with nothing of an unfinished body arriving: uvicorn would
+    wait forever, and each stalled client would hold a connection and what it sent so far.
+    Both are raised from `receive`; were a response already begun (no endpoint here starts one
+    before reading its body), uvicorn would drop the connection instead.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -178,15 +200,27 @@ class BodyLimit:
             await JSONResponse({"detail": detail}, 413)(scope, receive, send)
             return
         received = 0
+        finished = False
 
-        async def counted() -> Message:
-            nonlocal received
-            message = await receive()
+        async def bounded() -> Message:
+            nonlocal received, finished
+            if finished:
+                # After the body only a disconnect can come: waiting for it is not a stall.
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except asyncio.TimeoutError:
+                # Closed at once: kept alive, the connection would last as long as the client
+                # trickles in the rest of its body. (A 413 stays open: closing while the client
+                # is still sending resets the connection, and the client never reads its 413.)
+                stalled = f"request body stalled: nothing received for {self.timeout:g} s"
+                raise HTTPException(408, stalled, {"Connection": "close"}) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     # An HTTPException passes through FastAPI's body parsing as itself.
                     raise HTTPException(413, detail)
+            finished = not message.get("more_body", False)  # a disconnect has none
             return message
 
-        await self.app(scope, counted, send)
+        await self.app(scope, bounded, send)
