@@ -117,3 +117,25 @@ def test_bad_files_raise_one_clear_error(tmp_path: Path, xray_files: list[Path])
             reader.read_image(path)
         message = str(info.value)
         assert phrase in message and str(path) in message and "\n" not in message
+
+
+def test_reading_in_threads_leaves_warnings_and_logging_as_they_were(
+    grey: np.ndarray, xray_files: list[Path]
+) -> None:
+    """Decoding runs in threads; process-wide state toggled per read would race and stick."""
+    import logging
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    from helpers import dicom_bytes, dicom_dataset
+
+    sources = [xray_files[0].read_bytes(), dicom_bytes(dicom_dataset(grey))] * 40
+    reader.read_image(sources[0])  # the reader's own Pillow filter is in place from here on
+    filters, level = list(warnings.filters), logging.getLogger("pydicom").level
+    with ThreadPoolExecutor(8) as pool:
+        images = list(pool.map(reader.read_image, sources))
+    assert all(np.array_equal(image, images[i % 2]) for i, image in enumerate(images))
+    assert warnings.filters == filters
+    assert logging.getLogger("pydicom").level == level
+    with pytest.warns(UserWarning, match="still heard"):
+        warnings.warn("still heard", UserWarning, stacklevel=1)

@@ -114,16 +114,18 @@ def load_images(split: Split, size: int, workers: int | None = None) -> tuple[np
         kept = np.asarray(json.loads(meta_path.read_text())["kept"], dtype=np.int64)
         return np.load(array_path, mmap_mode="r"), split.subset(kept)
 
-    def decode(path: Path) -> np.ndarray | None:
+    def decode(path: Path) -> np.ndarray | ImageReadError:
         try:
             return reader.load(path, size)
         except ImageReadError as exc:
-            warnings.warn(f"skipping unreadable image: {exc}", stacklevel=3)
-            return None
+            return exc
 
     with ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 2) * 2)) as pool:
         decoded = list(pool.map(decode, split.files))
-    kept = np.asarray([i for i, a in enumerate(decoded) if a is not None], dtype=np.int64)
+    for outcome in decoded:  # warned from this thread: the warnings filters are process-wide
+        if isinstance(outcome, ImageReadError):
+            warnings.warn(f"skipping unreadable image: {outcome}", stacklevel=2)
+    kept = np.asarray([i for i, a in enumerate(decoded) if isinstance(a, np.ndarray)], np.int64)
     images = (
         np.stack([decoded[i] for i in kept]) if len(kept) else np.zeros((0, size, size), np.uint8)
     )

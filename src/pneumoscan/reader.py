@@ -10,6 +10,7 @@ import contextlib
 import io
 import logging
 import struct
+import threading
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -32,6 +33,8 @@ MAX_INFLATED = 4 * MAX_PIXELS  # bytes: a deflated DICOM of 16-bit grey or 8-bit
 VERSION = 1  # bump when read_image or resize changes the pixels: it keys the decode cache
 DATASET_SIDE = 224  # every training image is 224x224 (the originals squashed with Lanczos)
 _UNSUPPORTED = "not a supported image (use JPEG, PNG or DICOM)"
+# pydicom's warnings can quote patient data: DICOM is parsed with them off, one file at a time.
+_DICOM_LOCK = threading.Lock()
 _BROKEN_DICOM = "broken or truncated DICOM file; export it again from the PACS or modality"
 
 
@@ -58,20 +61,21 @@ def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarra
 
 
 def _decode_pil(data: bytes, label: str) -> np.ndarray:
+    # Pillow warns of what it tolerates (corrupt EXIF, a size under our own pixel limit): nothing
+    # a user could act on. Filters are process-wide, so this one is added, never toggled (that
+    # would race between decode threads), and added again each time in case a caller's
+    # catch_warnings() dropped it; adding an existing filter only moves it to the front.
+    warnings.filterwarnings("ignore", module=r"PIL\.")
     try:
-        with warnings.catch_warnings():
-            # Pillow warns of what it tolerates (corrupt EXIF, a size under our own pixel limit):
-            # nothing a user could act on, and noise in a batch of thousands.
-            warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
-            if img.format == "EPS":
-                # Pillow renders EPS by running Ghostscript on it: a program, not an image.
-                raise ImageReadError(f"{label}: {_UNSUPPORTED}")
-            _check_header(img, label)
-            if img.format in ("JPEG", "MPO"):
-                _check_jpeg_scans(data, label)
-            img.load()
-            return to_grey_uint8(img)
+        img = Image.open(io.BytesIO(data))
+        if img.format == "EPS":
+            # Pillow renders EPS by running Ghostscript on it: a program, not an image.
+            raise ImageReadError(f"{label}: {_UNSUPPORTED}")
+        _check_header(img, label)
+        if img.format in ("JPEG", "MPO"):
+            _check_jpeg_scans(data, label)
+        img.load()
+        return to_grey_uint8(img)
     except ImageReadError:
         raise
     except Image.DecompressionBombError:
@@ -139,18 +143,24 @@ def _decode_dicom(data: bytes, label: str) -> np.ndarray:
 
 @contextlib.contextmanager
 def _quiet_pydicom() -> Iterator[None]:
-    """Silence pydicom's warnings, log and value checks: their text can quote patient data."""
+    """Silence pydicom's warnings, log and value checks: their text can quote patient data.
+
+    One thread at a time: warning filters, loggers and pydicom's settings are process-wide,
+    and a save-and-restore in two threads at once would race (one thread's restore unmuting
+    another's read).
+    """
     from pydicom.config import disable_value_validation, logger
 
-    # A level above CRITICAL also mutes pydicom's child loggers, which inherit it.
-    level = logger.level
-    logger.setLevel(logging.CRITICAL + 1)
-    try:
-        with warnings.catch_warnings(), disable_value_validation():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
+    with _DICOM_LOCK:
+        # A level above CRITICAL also mutes pydicom's child loggers, which inherit it.
+        level = logger.level
+        logger.setLevel(logging.CRITICAL + 1)
+        try:
+            with warnings.catch_warnings(), disable_value_validation():
+                warnings.simplefilter("ignore")
+                yield
+        finally:
+            logger.setLevel(level)
 
 
 def _parse_dicom(data: bytes, label: str) -> Dataset:
