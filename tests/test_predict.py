@@ -229,9 +229,11 @@ def test_dicom_patient_data_never_reaches_the_output(
     broken = tmp_path / "broken.dcm"
     broken.write_bytes(dicom_bytes(dicom_dataset(grey))[:-3000])
     result = _cli(str(good), str(broken), "--json")
-    assert result.returncode == 2
-    for secret in SECRETS:
-        assert secret not in result.stdout and secret not in result.stderr
+    table = tmp_path / "results.csv"
+    as_csv = _cli(str(good), str(broken), "--csv", str(table))
+    assert result.returncode == as_csv.returncode == 2
+    outputs = [result.stdout, result.stderr, as_csv.stdout, as_csv.stderr, table.read_text()]
+    assert not any(secret in text for secret in SECRETS for text in outputs)
     assert json.loads(result.stdout)[0]["label"] in ("NORMAL", "PNEUMONIA")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import serving
+from helpers import SECRETS, dicom_bytes, dicom_dataset, serving
 
 BODY_TIMEOUT = 1.0
 # --max-file-mb 0.016 is 16,777 bytes a file; 20 files of that, plus part overhead, a request.
@@ -251,3 +251,21 @@ def test_a_flood_of_small_bad_requests_gets_4xx_and_health_keeps_answering(
     assert flood_s < 20
     assert all(status == 200 for status, _ in checks)
     assert max(seconds for _, seconds in checks) < 2, checks
+
+
+def test_dicom_patient_data_never_reaches_answers_or_the_log(
+    server: Address, server_log: Path, xray_files: list[Path]
+) -> None:
+    import numpy as np
+    from PIL import Image
+
+    # 96 px: this server takes files up to 16 kB.
+    grey = np.asarray(Image.open(xray_files[0]).convert("L").resize((96, 96)))
+    good = dicom_bytes(dicom_dataset(grey))
+    files = [("files", ("a.dcm", good)), ("files", ("cut.dcm", good[:-3000]))]
+    response = httpx.post(url(server), files=files, timeout=30)
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert results[0]["label"] in ("NORMAL", "PNEUMONIA") and results[1]["error"]
+    seen = [response.text, server_log.read_text()]
+    assert not any(secret in text for secret in SECRETS for text in seen)
