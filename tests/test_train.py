@@ -225,3 +225,32 @@ def test_ddp_with_two_cpu_processes_ends_with_one_set_of_weights(
     meta = json.loads((out / "model.json").read_text())
     assert meta["training"]["processes"] == 2
     assert bundle.load(out).probabilities(np.zeros((1, 128, 128), np.uint8)).shape == (1,)
+
+
+def test_an_ensemble_of_seeds_scores_the_mean_of_its_members(
+    small_data: Path, tmp_path: Path, xray_files: list[Path]
+) -> None:
+    from pneumoscan import explain, reader, runtime
+
+    cfg = _quick("cnn", max_steps=4)
+    joined = train.train_ensemble(cfg, [0, 1], small_data, tmp_path, device_name="cpu", log=_silent)
+    members = [bundle.load(tmp_path / f"seed-{s}") for s in (0, 1)]
+    assert joined.meta["model_args"]["members"] == 2
+    assert [m["seed"] for m in joined.meta["training"]["members"]] == [0, 1]
+    images = np.stack([reader.load(f, 128) for f in xray_files])
+    mean = np.mean([m.raw_scores(images)[0] for m in members], axis=0)
+    assert np.allclose(joined.raw_scores(images)[0], mean, atol=1e-5)
+    # The joined folder is a model like any other: ONNX, heatmaps, refit thresholds.
+    again = bundle.load(tmp_path)
+    assert (
+        np.abs(runtime.load(tmp_path).probabilities(images) - again.probabilities(images)).max()
+        < 1e-4
+    )
+    cam = explain.heatmap(again, images[0])
+    assert cam.shape == (128, 128) and cam.max() > 0
+    with pytest.raises(PneumoscanError, match="already holds"):
+        train.train_ensemble(cfg, [0, 1], small_data, tmp_path, device_name="cpu", log=_silent)
+    other = _quick("cnn", max_steps=4, lr=0.01)
+    train.train(other, small_data, tmp_path / "other", "cpu", log=_silent, progress=False)
+    with pytest.raises(PneumoscanError, match="one recipe"):
+        train.join_members([tmp_path / "seed-0", tmp_path / "other"], small_data, tmp_path / "x")

@@ -50,6 +50,11 @@ def train(
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt."),
     force: bool = typer.Option(False, "--force", help="Overwrite a model already in OUT."),
+    seeds: str | None = typer.Option(
+        None,
+        "--seeds",
+        help="Train one member per seed (e.g. 0,1,2) and ship their mean: an ensemble.",
+    ),
     devices: int = typer.Option(
         1,
         "--devices",
@@ -63,17 +68,17 @@ def train(
     cfg = training.load_config(
         model, config, epochs=epochs, image_size=image_size, seed=seed, max_steps=max_steps
     )
-    loaded = training.train(
-        cfg,
-        data,
-        out,
-        device_name=device,
-        resume=resume,
-        force=force,
-        log=_stderr,
-        progress=sys.stderr.isatty(),
-        devices=devices,
-    )
+    options = {"device_name": device, "progress": sys.stderr.isatty(), "devices": devices}
+    if seeds is not None:
+        try:
+            members = [int(s) for s in seeds.split(",")]
+        except ValueError:
+            raise PneumoscanError(f"--seeds {seeds!r}: write integers, e.g. 0,1,2") from None
+        loaded = training.train_ensemble(
+            cfg, members, data, out, resume=resume, force=force, log=_stderr, **options
+        )
+    else:
+        loaded = training.train(cfg, data, out, resume=resume, force=force, log=_stderr, **options)
     if loaded is None:
         return  # a rank other than 0 under torchrun: rank 0 wrote the model
     points = loaded.meta["operating_points"]

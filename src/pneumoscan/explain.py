@@ -15,6 +15,7 @@ from torch import nn
 
 from pneumoscan import bundle
 from pneumoscan.errors import PneumoscanError
+from pneumoscan.models import MeanOfHeads
 
 SPATIAL_ARCHITECTURES = ("cnn", "transfer")
 
@@ -32,6 +33,13 @@ class _OneLogit(nn.Module):
         # are, and stops back-propagation there instead of running it through the trunk.
         features = self.network.trunk(x).detach().requires_grad_(True)
         return self.network.head(features)
+
+
+def target_layers(head: nn.Module) -> list[nn.Module]:
+    """The last spatial activation of the head (of each member's, for an ensemble)."""
+    if isinstance(head, MeanOfHeads):
+        return [target_layer(h) for h in head.heads]  # Grad-CAM averages their maps
+    return [target_layer(head)]
 
 
 def target_layer(head: nn.Sequential) -> nn.Module:
@@ -71,14 +79,14 @@ def heatmap(model: bundle.LoadedModel, image: np.ndarray, label: str | None = No
             " (read it with reader.load(path, model.input_size))"
         )
     network = model.network
-    layer = target_layer(network.head)
+    layers = target_layers(network.head)
     x = torch.from_numpy(np.array(image, dtype=np.uint8)).float().div_(255.0)[None, None]
     # GradCAM switches the network to eval mode; the caller's modes are put back afterwards.
     modes = [(m, m.training) for m in network.modules()]
     cam = None
     try:
         # Gradients are needed even when the caller scores under torch.no_grad().
-        with torch.enable_grad(), GradCAM(model=_OneLogit(network), target_layers=[layer]) as gc:
+        with torch.enable_grad(), GradCAM(model=_OneLogit(network), target_layers=layers) as gc:
             positive = label is None or label == model.class_names[1]
             cam = gc(input_tensor=x, targets=[BinaryClassifierOutputTarget(int(positive))])
     finally:

@@ -40,6 +40,27 @@ class Classifier(nn.Module):
         return self
 
 
+class MeanOfHeads(nn.Module):
+    """Heads trained apart (one seed each) on the same frozen trunk: their mean logit."""
+
+    def __init__(self, heads: list[nn.Module]):
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.stack([head(features) for head in self.heads]).mean(0)
+
+
+def ensemble(members: list[Classifier]) -> Classifier:
+    """One model from members of one architecture: the shared trunk runs once, then each head."""
+    trunk = members[0].trunk.state_dict()
+    for member in members[1:]:
+        other = member.trunk.state_dict()
+        if other.keys() != trunk.keys() or any(not torch.equal(other[k], trunk[k]) for k in trunk):
+            raise ValueError("ensemble members must share their frozen trunk")
+    return Classifier(members[0].trunk, MeanOfHeads([m.head for m in members]))
+
+
 class Standardize(nn.Module):
     """Map [0, 1] greyscale to the input statistics a network expects.
 
@@ -196,11 +217,13 @@ def load_imagenet_weights(base: nn.Module) -> None:
 _FACTORIES = {"dense": dense, "cnn": cnn, "transfer": transfer}
 
 
-def create_model(name: str, image_size: int = 128, **kwargs) -> Classifier:
-    """Build a model by name: `dense`, `cnn` or `transfer`."""
+def create_model(name: str, image_size: int = 128, members: int = 1, **kwargs) -> Classifier:
+    """Build a model by name: `dense`, `cnn` or `transfer`; `members` > 1: an ensemble of them."""
     if name not in _FACTORIES:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
     for key in ("hidden", "channels"):
         if key in kwargs:
             kwargs[key] = tuple(kwargs[key])
+    if members > 1:
+        return ensemble([_FACTORIES[name](image_size, **kwargs) for _ in range(members)])
     return _FACTORIES[name](image_size, **kwargs)

@@ -17,7 +17,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -403,6 +403,77 @@ def train(
         "of validation X-rays)"
     )
     return loaded
+
+
+def train_ensemble(
+    cfg: TrainConfig,
+    seeds: list[int],
+    data_root: Path,
+    out_dir: Path,
+    resume: bool = False,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    **options,
+) -> bundle.LoadedModel | None:
+    """Train `cfg` once per seed into OUT/seed-N, then join the members into one model in OUT.
+
+    With `resume`, members already trained are kept and an interrupted one resumes from its
+    checkpoint. `options` go to `train` (device_name, progress, devices).
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / bundle.META_FILE).exists() and not (resume or force):
+        raise PneumoscanError(
+            f"{out_dir} already holds a trained model; pass --force to overwrite it"
+        )
+    folders = []
+    for seed in seeds:
+        folder = out_dir / f"seed-{seed}"
+        if resume and (folder / bundle.META_FILE).exists():
+            log(f"member seed {seed}: kept the model already in {folder}")
+        else:
+            log(f"== member seed {seed}")
+            again = resume and (folder / CHECKPOINT_FILE).exists()
+            member = replace(cfg, seed=seed)
+            train(member, data_root, folder, resume=again, force=force, log=log, **options)
+        folders.append(folder)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None  # under torchrun: rank 0 joins the members
+    return join_members(folders, data_root, out_dir)
+
+
+def join_members(folders: list[Path], data_root: Path, out_dir: Path) -> bundle.LoadedModel:
+    """Members trained with one recipe but different seeds -> one model (mean logit) in OUT.
+
+    Calibration, thresholds and the guard are fit again, on validation, for the joined model.
+    """
+    from pneumoscan.models import ensemble
+
+    members = [bundle.load(f) for f in folders]
+    recipes = [{**m.meta["training"]["config"], "seed": 0} for m in members]
+    if any(r != recipes[0] for r in recipes):
+        raise PneumoscanError("ensemble members must share one recipe; only the seed may differ")
+    # The guard, calibration and thresholds are the joined model's own, fit below.
+    first = {k: v for k, v in members[0].meta.items() if k not in ("ood", "test")}
+    meta = {
+        **first,
+        "model_args": {**first["model_args"], "members": len(members)},
+        "training": {
+            **first["training"],
+            "members": [
+                {
+                    "folder": str(f),
+                    "seed": m.meta["training"]["config"]["seed"],
+                    "validation_auc": m.meta["validation"]["auc"],
+                    "wall_time_s": m.meta["training"]["wall_time_s"],
+                }
+                for f, m in zip(folders, members, strict=True)
+            ],
+            "wall_time_s": round(sum(m.meta["training"]["wall_time_s"] for m in members), 1),
+        },
+    }
+    network = ensemble([m.network for m in members])
+    bundle.save(out_dir, network, meta)
+    return fit_postprocessing(bundle.load(out_dir), data_root)
 
 
 def fit_postprocessing(model: bundle.LoadedModel, data_root: Path) -> bundle.LoadedModel:
