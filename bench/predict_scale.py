@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pneumoscan import predict, runtime
+from pneumoscan import DEFAULT_MODEL, predict, runtime
 
 
 def peak_rss_mib() -> float:
@@ -26,7 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, required=True)
     parser.add_argument("--files", type=int, default=10_000)
-    parser.add_argument("--model", default="transfer")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     args = parser.parse_args()
     sources = predict.expand_paths([args.folder])
     model = runtime.load(args.model)  # the CPU default, as `pneumoscan predict` runs it

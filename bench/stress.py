@@ -31,6 +31,8 @@ from pathlib import Path
 
 import httpx
 
+from pneumoscan import DEFAULT_MODEL
+
 RESULTS = Path(__file__).parent / "results" / "stress.jsonl"
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm"}
 WARMUP = 50  # requests
@@ -170,7 +172,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=os.environ.get("PNEUMOSCAN_DATA"))
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--model", default="transfer")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--timeout", type=float, default=900, help="seconds, for everything")
     args = parser.parse_args()
     test = Path(args.data or ".") / "test"

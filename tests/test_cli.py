@@ -46,19 +46,23 @@ def test_user_mistakes_give_one_line_and_non_zero_exit(
 
 
 @pytest.mark.slow
-def test_bundled_transfer_model_regression_guard(data_root: Path) -> None:
-    """The shipped transfer model, scored on the 624 real test images.
-
-    The floor sits just below what it measured (AUC 0.942, detection sensitivity 0.990):
-    a change that makes the shipped model worse on test fails here.
-    """
-    result = run("evaluate", "--model", "transfer", "--data", str(data_root), "--json")
+@pytest.mark.parametrize(
+    ("model", "min_auc", "min_sensitivity"),
+    # Floors just below what each measured: cnn (the default, a 3-seed ensemble) AUC 0.958 and
+    # detection sensitivity 0.995; transfer 0.942 and 0.990.
+    [("cnn", 0.95, 0.99), ("transfer", 0.935, 0.98)],
+)
+def test_bundled_model_regression_guard(
+    data_root: Path, model: str, min_auc: float, min_sensitivity: float
+) -> None:
+    """A shipped model, scored on the 624 real test images: a change that makes it worse fails."""
+    result = run("evaluate", "--model", model, "--data", str(data_root), "--json")
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
-    assert payload["n"] == 624 and payload["model"] == "transfer"
-    assert payload["auc"] >= 0.935
+    assert payload["n"] == 624 and payload["model"] == model
+    assert payload["auc"] >= min_auc
     detection = payload["operating_points"]["detection"]
-    assert detection["sensitivity"] >= 0.98
+    assert detection["sensitivity"] >= min_sensitivity
     assert set(detection) == {
         "threshold",
         "accuracy",

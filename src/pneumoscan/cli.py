@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from pneumoscan import DEFAULT_MODEL
 from pneumoscan.errors import PneumoscanError
 
 app = typer.Typer(
@@ -91,7 +92,7 @@ def train(
 @app.command()
 def evaluate(
     model: list[str] = typer.Option(
-        ["transfer"],
+        [DEFAULT_MODEL],
         "--model",
         help="Bundled model (dense, cnn, transfer) or a model folder; repeatable.",
     ),
@@ -161,7 +162,7 @@ def predict(
         ..., help="Image files (JPEG, PNG, DICOM) or folders, searched recursively."
     ),
     model: str = typer.Option(
-        "transfer", "--model", help="Bundled model (dense, cnn, transfer) or a model folder."
+        DEFAULT_MODEL, "--model", help="Bundled model (dense, cnn, transfer) or a model folder."
     ),
     mode: str = typer.Option(
         "detection", "--mode", help="Operating point: detection (sensitive) or balanced."
@@ -234,7 +235,7 @@ def predict(
 @app.command()
 def export(
     model: str = typer.Option(
-        "transfer", "--model", help="Bundled model (dense, cnn, transfer) or a model folder."
+        DEFAULT_MODEL, "--model", help="Bundled model (dense, cnn, transfer) or a model folder."
     ),
     onnx: Path = typer.Option(..., "--onnx", help="ONNX file to write (dynamic batch)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
@@ -259,7 +260,7 @@ def serve(
     ),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
     model: str = typer.Option(
-        "transfer", "--model", help="Bundled model (dense, cnn, transfer) or a model folder."
+        DEFAULT_MODEL, "--model", help="Bundled model (dense, cnn, transfer) or a model folder."
     ),
     max_file_mb: float = typer.Option(
         20, "--max-file-mb", min=0.001, help="Largest accepted upload, per file, in MB."
