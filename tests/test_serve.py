@@ -49,7 +49,7 @@ def test_health(client: TestClient) -> None:
 def test_model_card_comes_from_model_json(client: TestClient, cnn_folder: Path) -> None:
     meta = bundle.load(cnn_folder).meta
     card = client.get("/api/v1/model").json()
-    assert card["name"] == meta["name"] and card["architecture"] == "cnn"
+    assert card["name"] == meta["name"] and card["architecture"] == "cnn" and card["members"] == 1
     assert card["input_size"] == meta["input_size"]
     assert card["class_names"] == ["NORMAL", "PNEUMONIA"]
     for name in ("detection", "balanced"):
@@ -313,3 +313,12 @@ def test_bundled_transfer_flags_a_photograph_as_not_an_xray(xray_files: list[Pat
         assert all(not r["ood"] and r["label"] in ("NORMAL", "PNEUMONIA") for r in xrays)
         assert photo["ood"] is True and photo["label"] is None and photo["probability"] is not None
         assert client.get("/api/v1/model").json()["name"] == "transfer"
+
+
+def test_the_default_models_card_says_it_is_an_ensemble() -> None:
+    from pneumoscan import DEFAULT_MODEL
+
+    with TestClient(create_app(DEFAULT_MODEL)) as client:
+        card = client.get("/api/v1/model").json()
+    assert card["name"] == "cnn" and card["members"] == 3
+    assert card["validation"]["auc"] > 0.99

@@ -82,7 +82,9 @@
           const v = point.validation || {};
           return `${name} ${fmt(point.threshold)} (validation sensitivity ${fmt(v.sensitivity)}, specificity ${fmt(v.specificity)})`;
         });
-      const about = card.name === card.architecture ? "" : `${card.architecture}, `;
+      const about =
+        (card.name === card.architecture ? "" : `${card.architecture}, `) +
+        (card.members > 1 ? `ensemble of ${card.members} seeds, ` : "");
       ui.model.textContent =
         `Model: ${card.name} (${about}${card.input_size}×${card.input_size} pixels). ` +
         `Thresholds: ${points.join("; ")}. Files up to ${sizeText(state.limits.max_file_bytes)}.`;
