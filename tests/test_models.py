@@ -58,3 +58,10 @@ def test_input_blur_keeps_flat_images_and_damps_pixel_noise() -> None:
     assert torch.allclose(blurred(flat), plain(flat), atol=1e-6)
     noise = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(0)) * 0.01 + 0.5
     assert blurred(noise).std() < plain(noise).std() / 2
+
+
+def test_an_ensemble_is_rebuilt_from_its_saved_shape() -> None:
+    """Loading builds the joined shape from scratch: members must not need equal random trunks."""
+    network = create_model("transfer", members=2, pretrained=False)
+    assert len(network.head.heads) == 2
+    assert network(torch.zeros(2, 1, 64, 64)).shape == (2,)

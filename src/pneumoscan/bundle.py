@@ -91,7 +91,19 @@ class ModelCard:
         return self.calibrate(self.raw_scores(images, batch_size)[0])
 
     def raw_scores(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-        """Logits and guard distances; a backend (torch or ONNX Runtime) provides them."""
+        """Logits and guard distances of uint8 images shaped (N, S, S), in batches."""
+        logits, distances = [], []
+        for start in range(0, len(images), batch_size):
+            x = np.asarray(images[start : start + batch_size], dtype=np.float32)[:, None] / 255.0
+            z, d = self.run(x)
+            logits.append(z)
+            distances.append(d)
+        if not logits:
+            return np.zeros(0, np.float32), np.zeros(0, np.float32)
+        return np.concatenate(logits), np.concatenate(distances)
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One batch in [0, 1] shaped (N, 1, S, S) -> logits, guard distances: the backend's part."""
         raise NotImplementedError
 
 
@@ -102,21 +114,14 @@ class LoadedModel(ModelCard):
     network: Classifier
     scorer: Scorer
 
-    def raw_scores(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
         self.scorer.eval()
-        logits, distances = [], []
         with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                batch = torch.from_numpy(np.array(images[start : start + batch_size]))
-                x = batch.unsqueeze(1).float().div_(255.0)
-                z, d = self.scorer(x.contiguous(memory_format=torch.channels_last))
-                logits.append(z.float().numpy())
-                distances.append(d.float().numpy())
-        if not logits:
-            return np.zeros(0, np.float32), np.zeros(0, np.float32)
-        return np.concatenate(logits), np.concatenate(distances)
+            batch = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+            z, d = self.scorer(batch)
+        return z.float().numpy(), d.float().numpy()
 
 
 def save(

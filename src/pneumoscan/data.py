@@ -7,6 +7,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,18 +99,19 @@ def fingerprint(files: list[Path]) -> str:
 
     A model records it, so refitting its thresholds on another copy of the same data works.
     """
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{'/'.join(path.parts[-3:])}|{path.stat().st_size}\n".encode())
-    return digest.hexdigest()[:20]
+    return _digest(f"{'/'.join(p.parts[-3:])}|{p.stat().st_size}" for p in files)
 
 
 def _cache_key(files: list[Path]) -> str:
     """Like `fingerprint`, but of these very files: a copy edited in place is decoded again."""
+    stats = ((p.resolve(), p.stat()) for p in files)
+    return _digest(f"{path}|{st.st_size}|{st.st_mtime_ns}" for path, st in stats)
+
+
+def _digest(lines: Iterable[str]) -> str:
     digest = hashlib.sha256()
-    for path in files:
-        stat = path.stat()
-        digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    for line in lines:
+        digest.update(f"{line}\n".encode())
     return digest.hexdigest()[:20]
 
 

@@ -224,6 +224,7 @@ def create_model(name: str, image_size: int = 128, members: int = 1, **kwargs) -
     for key in ("hidden", "channels"):
         if key in kwargs:
             kwargs[key] = tuple(kwargs[key])
-    if members > 1:
-        return ensemble([_FACTORIES[name](image_size, **kwargs) for _ in range(members)])
+    if members > 1:  # the shape of a joined ensemble (see `ensemble`), for its saved weights
+        built = [_FACTORIES[name](image_size, **kwargs) for _ in range(members)]
+        return Classifier(built[0].trunk, MeanOfHeads([b.head for b in built]))
     return _FACTORIES[name](image_size, **kwargs)

@@ -32,16 +32,9 @@ class OnnxModel(bundle.ModelCard):
 
     session: Any
 
-    def raw_scores(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-        logits, distances = [], []
-        for start in range(0, len(images), batch_size):
-            x = np.asarray(images[start : start + batch_size], dtype=np.float32)[:, None] / 255.0
-            z, d = self.session.run(None, {"image": x})
-            logits.append(z)
-            distances.append(d)
-        if not logits:
-            return np.zeros(0, np.float32), np.zeros(0, np.float32)
-        return np.concatenate(logits), np.concatenate(distances)
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        z, d = self.session.run(None, {"image": x})
+        return z, d
 
 
 def load(model: str | Path, threads: int | None = None) -> OnnxModel:

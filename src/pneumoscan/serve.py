@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import threading
 from importlib import resources
 from pathlib import Path, PurePosixPath
@@ -54,7 +55,7 @@ def create_app(
     A client that sends no part of its unfinished request body for `body_timeout` s gets a 408.
     """
     loaded = runtime.load(model)  # scores with ONNX Runtime: fast, and no torch in memory
-    explainer: list[bundle.LoadedModel] = []  # the torch model, loaded for the first heatmap
+    explainer = functools.cache(lambda: bundle.load(model))  # torch: for the first heatmap
     card = model_card(loaded, max_file_bytes, max_files)
     lock = threading.Lock()
     app = FastAPI(
@@ -69,9 +70,7 @@ def create_app(
 
     def score(sources: list[tuple[str, bytes]], mode: str, heatmap: bool) -> list[dict]:
         with lock:
-            if heatmap and not explainer:
-                explainer.append(bundle.load(model))
-            scorer = explainer[0] if heatmap else loaded
+            scorer = explainer() if heatmap else loaded
             results = list(screening.predict(scorer, sources, mode, explain=heatmap))
         return [_result(r) for r in results]
 

@@ -327,9 +327,10 @@ def train(
         running, seen = 0.0, 0
         bar = _progress(progress, steps_per_epoch, f"epoch {epoch}/{epochs}")
         for start in range(0, len(order), cfg.batch_size):
-            positions = order[start : start + cfg.batch_size][rank::world]  # this rank's share
-            if len(order[start : start + cfg.batch_size]) < 2 * world:
+            batch = order[start : start + cfg.batch_size]
+            if len(batch) < 2 * world:
                 continue  # BatchNorm needs two samples on every rank
+            positions = batch[rank::world]  # this rank's share
             x = batch_input(positions)
             y = torch.from_numpy(train_labels[positions]).to(device)
             with _autocast(device):
@@ -682,6 +683,9 @@ def _worker(rank, world, port, device_type, cfg, data_root, out_dir, resume, log
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
         train(cfg, data_root, out_dir, device_type, resume, True, log, progress)
+        # Rank 0 saves and post-fits alone; a rank that tore the group down meanwhile could
+        # abort in gloo's teardown. All leave together.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
