@@ -1,12 +1,15 @@
 """Seed and family ensembles, judged on validation only (test with --test, once, afterwards).
 
     python bench/ensembles.py --data DIR --runs runs/seeds [--families cnn,transfer] [--seeds 0,1,2]
+        [--set model_args.equalize=true ...]
 
 Trains each family's bundled recipe once per seed (a run already in RUNS/FAMILY-sSEED is reused),
 then scores every single model and every ensemble (the mean of its members' logits) on the
 validation images carved from train: AUC, and specificity at the highest threshold that keeps
 validation sensitivity >= 0.99 (how many normals a near-complete detection spares). With --test
 it scores the same candidates on the test split: for the report of a recipe already chosen.
+`--set KEY=VALUE` changes the bundled recipe (dotted keys reach into dicts) for a variant's
+study: give each variant its own RUNS folder.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from pneumoscan import bundle, data, metrics, train
 
@@ -30,6 +34,18 @@ def specificity_at_sensitivity(labels: np.ndarray, scores: np.ndarray, target: f
     return float(np.mean(scores[labels == 0] < threshold))
 
 
+def recipe(family: str, seed: int, changes: list[str]) -> train.TrainConfig:
+    cfg = train.load_config(family, seed=seed)
+    for change in changes:
+        key, value = change.split("=", 1)
+        *parents, leaf = key.split(".")
+        target = cfg.__dict__
+        for p in parents:
+            target = target[p]
+        target[leaf] = yaml.safe_load(value)
+    return cfg
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -38,6 +54,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--test", action="store_true", help="score on test (a chosen recipe)")
+    parser.add_argument("--set", action="append", default=[], help="KEY=VALUE recipe change")
     args = parser.parse_args()
 
     families = args.families.split(",")
@@ -46,7 +63,7 @@ def main() -> None:
     for family, seed in itertools.product(families, seeds):
         folder = args.runs / f"{family}-s{seed}"
         if not (folder / "model.json").exists():
-            cfg = train.load_config(family, seed=seed)
+            cfg = recipe(family, seed, args.set)
             train.train(cfg, args.data, folder, args.device, log=print, progress=False)
         models[f"{family}-s{seed}"] = bundle.load(folder)
 
@@ -76,6 +93,8 @@ def main() -> None:
         rows.append(
             {
                 "candidate": name,
+                "runs": str(args.runs),
+                "changes": args.set,
                 "members": len(members),
                 "split": split,
                 "n": len(labels),

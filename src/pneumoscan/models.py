@@ -61,15 +61,37 @@ def ensemble(members: list[Classifier]) -> Classifier:
     return Classifier(members[0].trunk, MeanOfHeads([m.head for m in members]))
 
 
+def equalize(x: torch.Tensor) -> torch.Tensor:
+    """Histogram equalisation of each (N, 1, H, W) image in [0, 1], at 256 grey levels.
+
+    Each pixel becomes the share of its image's pixels that are darker, plus half of those
+    equally bright: every image then has the same, flat histogram, whatever its exposure,
+    windowing or share of black border.
+    """
+    flat = x.flatten(1)
+    levels = (flat.clamp(0, 1) * 255).round().long()
+    counts = torch.zeros_like(flat[:, :256]).scatter_add_(1, levels, torch.ones_like(flat))
+    below = (counts.cumsum(1) - 0.5 * counts) / flat.shape[1]
+    return below.gather(1, levels).view_as(x)
+
+
 class Standardize(nn.Module):
     """Map [0, 1] greyscale to the input statistics a network expects.
 
     `blur` (a Gaussian's sigma in pixels) low-passes the image first: a decision should not
     hang on pixel-level noise, which differs between scanners, encoders and resamplings.
+    `equalize` then flattens each image's histogram (see `equalize`).
     """
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], blur: float = 0.0):
+    def __init__(
+        self,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        blur: float = 0.0,
+        equalize: bool = False,
+    ):
         super().__init__()
+        self.equalize = equalize
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         radius = max(1, round(2 * blur))
@@ -82,6 +104,8 @@ class Standardize(nn.Module):
             pad = self.taps.shape[-1] // 2
             x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="replicate"), self.taps)
             x = F.conv2d(F.pad(x, (0, 0, pad, pad), mode="replicate"), self.taps.transpose(2, 3))
+        if self.equalize:
+            x = equalize(x)
         return (x.expand(-1, self.mean.shape[1], -1, -1) - self.mean) / self.std
 
 
@@ -90,9 +114,10 @@ def dense(
     hidden: tuple[int, ...] = (128, 64),
     dropout: float = 0.3,
     input_blur: float = 0.0,
+    equalize: bool = False,
 ) -> Classifier:
     """A fully connected network on the flattened pixels."""
-    layers: list[nn.Module] = [Standardize((0.5,), (0.25,), input_blur), nn.Flatten()]
+    layers: list[nn.Module] = [Standardize((0.5,), (0.25,), input_blur, equalize), nn.Flatten()]
     width = image_size * image_size
     for h in hidden:
         layers += [
@@ -111,10 +136,11 @@ def cnn(
     channels: tuple[int, ...] = (8, 16, 32, 64, 128),
     dropout: float = 0.3,
     input_blur: float = 0.0,
+    equalize: bool = False,
 ) -> Classifier:
     """A small VGG-style network trained from scratch, sized for a CPU."""
     del image_size  # global pooling makes the network size-agnostic
-    layers: list[nn.Module] = [Standardize((0.5,), (0.25,), input_blur)]
+    layers: list[nn.Module] = [Standardize((0.5,), (0.25,), input_blur, equalize)]
     previous = 1
     for c in channels:
         layers += [
@@ -134,6 +160,7 @@ def transfer(
     dropout: float = 0.2,
     pretrained: bool = True,
     input_blur: float = 0.0,
+    equalize: bool = False,
 ) -> Classifier:
     """EfficientNet-Lite0 with ImageNet weights; only the top blocks and a new head train."""
     import timm
@@ -144,7 +171,7 @@ def transfer(
         load_imagenet_weights(base)
     split = len(base.blocks) - trainable_blocks
     trunk = nn.Sequential(
-        Standardize(IMAGENET_MEAN, IMAGENET_STD, input_blur),
+        Standardize(IMAGENET_MEAN, IMAGENET_STD, input_blur, equalize),
         base.conv_stem,
         base.bn1,
         *base.blocks[:split],
