@@ -16,7 +16,7 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "benchmark"])
+@pytest.mark.parametrize("command", ["train", "join", "evaluate", "benchmark"])
 def test_help_per_command(command: str) -> None:
     result = run(command, "--help")
     assert result.returncode == 0 and "--data" in result.stdout
@@ -34,6 +34,8 @@ def test_help_per_command(command: str) -> None:
         (["train", "--model", "dense"], "Missing option '--data'"),
         (["predict", "x.png", "--shard", "5/4"], "--shard '5/4'"),
         (["nope"], "No such command 'nope'"),
+        (["join", "cnn", "--data", ".", "--out", "x"], "join: give at least two model folders"),
+        (["join", "cnn", "nowhere", "--data", ".", "--out", "x"], "join nowhere: not a bundled model"),
     ],
 )
 def test_user_mistakes_give_one_line_and_non_zero_exit(

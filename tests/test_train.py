@@ -250,7 +250,40 @@ def test_an_ensemble_of_seeds_scores_the_mean_of_its_members(
     assert cam.shape == (128, 128) and cam.max() > 0
     with pytest.raises(PneumoscanError, match="already holds"):
         train.train_ensemble(cfg, [0, 1], small_data, tmp_path, device_name="cpu", log=_silent)
-    other = _quick("cnn", max_steps=4, lr=0.01)
+    other = _quick("cnn", max_steps=4, val_fraction=0.3)
     train.train(other, small_data, tmp_path / "other", "cpu", log=_silent, progress=False)
-    with pytest.raises(PneumoscanError, match="one recipe"):
+    with pytest.raises(PneumoscanError, match="another validation split"):
         train.join_members([tmp_path / "seed-0", tmp_path / "other"], small_data, tmp_path / "x")
+
+
+def test_a_mixture_of_families_scores_the_mean_and_shares_the_guard_trunk(
+    tiny_models: dict[str, Path], small_data: Path, tmp_path: Path, xray_files: list[Path]
+) -> None:
+    from pneumoscan import explain, reader, runtime
+
+    folders = [tiny_models["cnn"], tiny_models["transfer"]]
+    joined = train.join_members(folders, small_data, tmp_path / "mix")
+    assert joined.meta["architecture"] == "mixture" and joined.name == "cnn+transfer"
+    assert joined.description == "cnn + transfer" and joined.members == 2
+    images = np.stack([reader.load(f, 128) for f in xray_files])
+    members = [bundle.load(f) for f in folders]
+    mean = np.mean([m.raw_scores(images)[0] for m in members], axis=0)
+    loaded = bundle.load(tmp_path / "mix")
+    logits, distances = loaded.raw_scores(images)
+    assert np.allclose(logits, mean, atol=1e-5)
+    # The transfer member's frozen trunk is the guard's: it runs once, and gives its distances.
+    assert loaded.scorer.guard_trunk is None
+    assert np.allclose(distances, joined.raw_scores(images)[1], atol=1e-4)
+    onnx = runtime.load(tmp_path / "mix")
+    assert np.abs(onnx.probabilities(images) - loaded.probabilities(images)).max() < 1e-4
+    assert len(explain.target_layers(loaded.network)) == 2  # one Grad-CAM layer per member
+    cam = explain.heatmap(loaded, images[0])
+    assert cam.shape == (128, 128) and cam.max() > 0
+    with_dense = train.join_members(
+        [tiny_models["dense"], tiny_models["cnn"]], small_data, tmp_path / "flat"
+    )
+    assert with_dense.scorer.guard_trunk is not None  # no member shares it: the guard runs its own
+    with pytest.raises(PneumoscanError, match="no spatial layer"):
+        explain.heatmap(with_dense, images[0])
+    with pytest.raises(PneumoscanError, match="already a mixture"):
+        train.join_members([tmp_path / "mix", tiny_models["cnn"]], small_data, tmp_path / "x")

@@ -58,6 +58,16 @@ class ModelCard:
         return list(self.meta["class_names"])
 
     @property
+    def description(self) -> str:
+        """What the network is: `cnn`, `cnn x3` (an ensemble of seeds), `cnn x3 + transfer`."""
+        return _describe(self.meta["architecture"], self.meta.get("model_args", {}))
+
+    @property
+    def members(self) -> int:
+        """How many trained networks the model averages (1: a single model)."""
+        return _count(self.meta["architecture"], self.meta.get("model_args", {}))
+
+    @property
     def ood_threshold(self) -> float | None:
         return self.meta["ood"]["threshold"] if "ood" in self.meta else None
 
@@ -211,9 +221,7 @@ def load(model: str | Path) -> LoadedModel:
 
     card = read_card(model)
     meta = card.meta
-    args = dict(meta.get("model_args", {}))
-    if meta["architecture"] == "transfer":
-        args["pretrained"] = False  # the saved weights replace the ImageNet ones anyway
+    args = _without_pretraining(meta["architecture"], meta.get("model_args", {}))
     network = create_model(meta["architecture"], meta["input_size"], **args)
     network.load_state_dict(_read_tensors(card, "weights"))
     ood = None
@@ -227,10 +235,34 @@ def load(model: str | Path) -> LoadedModel:
 
 def shares_guard_trunk(meta: dict) -> bool:
     """Whether the model's own frozen trunk is exactly the guard's feature extractor."""
-    from pneumoscan.guard import FROZEN_STAGES
+    from pneumoscan import models
 
-    trainable = meta.get("model_args", {}).get("trainable_blocks", 2)
-    return meta["architecture"] == "transfer" and trainable == 7 - FROZEN_STAGES
+    return models.shares_guard_trunk(meta["architecture"], meta.get("model_args", {}))
+
+
+def _without_pretraining(architecture: str, args: dict) -> dict:
+    """Model arguments that skip loading ImageNet weights: the saved weights replace them."""
+    if architecture == "mixture":
+        return {
+            "members": [
+                {**m, "model_args": _without_pretraining(m["architecture"], m["model_args"])}
+                for m in args["members"]
+            ]
+        }
+    return {**args, "pretrained": False} if architecture == "transfer" else dict(args)
+
+
+def _describe(architecture: str, args: dict) -> str:
+    if architecture == "mixture":
+        return " + ".join(_describe(m["architecture"], m["model_args"]) for m in args["members"])
+    seeds = args.get("members", 1)
+    return f"{architecture} x{seeds}" if seeds > 1 else architecture
+
+
+def _count(architecture: str, args: dict) -> int:
+    if architecture == "mixture":
+        return sum(_count(m["architecture"], m["model_args"]) for m in args["members"])
+    return int(args.get("members", 1))
 
 
 def _read_tensors(card: ModelCard, key: str) -> dict[str, torch.Tensor]:
@@ -245,7 +277,7 @@ def _read_tensors(card: ModelCard, key: str) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
 
 
-def resolve(model: str | Path) -> Path:
+def resolve(model: str | Path, argument: str = "--model") -> Path:
     """A bundled name or a folder holding model.json; a clear error otherwise."""
     text = str(model)
     bundled = bundled_dir() / text
@@ -255,7 +287,7 @@ def resolve(model: str | Path) -> Path:
     if not (folder / META_FILE).is_file():
         names = sorted(p.parent.name for p in bundled_dir().glob(f"*/{META_FILE}"))
         raise PneumoscanError(
-            f"--model {text}: not a bundled model ({', '.join(names)}) "
+            f"{argument} {text}: not a bundled model ({', '.join(names)}) "
             f"nor a folder holding {META_FILE}"
         )
     return folder

@@ -90,6 +90,34 @@ def train(
 
 
 @app.command()
+def join(
+    folders: list[Path] = typer.Argument(
+        ..., help="Model folders trained on the same data (any of dense, cnn, transfer)."
+    ),
+    data: Path = DATA_OPTION,
+    out: Path = typer.Option(..., "--out", help="Folder for the joined model."),
+    name: str | None = typer.Option(None, "--name", help="The joined model's name."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a model already in OUT."),
+) -> None:
+    """Join trained models into one ensemble (their mean logit); refit its thresholds on validation."""
+    from pneumoscan import bundle
+    from pneumoscan import train as training
+
+    if len(folders) < 2:
+        raise PneumoscanError("join: give at least two model folders")
+    if (out / bundle.META_FILE).exists() and not force:
+        raise PneumoscanError(f"--out {out}: already holds a model; pass --force to overwrite it")
+    for folder in folders:
+        bundle.resolve(folder, "join")
+    joined = training.join_members(folders, data, out, name)
+    points = joined.meta["operating_points"]
+    typer.echo(
+        f"{out}: {joined.description}, validation AUC {joined.meta['validation']['auc']:.4f}; "
+        "thresholds " + ", ".join(f"{k} {v['threshold']:.3f}" for k, v in points.items())
+    )
+
+
+@app.command()
 def evaluate(
     model: list[str] = typer.Option(
         [DEFAULT_MODEL],

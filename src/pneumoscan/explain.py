@@ -31,15 +31,31 @@ class _OneLogit(nn.Module):
         # The frozen trunk's output carries no gradient. Making it a leaf that requires one lets
         # gradients reach the head's activations whatever the parameters' requires_grad flags
         # are, and stops back-propagation there instead of running it through the trunk.
-        features = self.network.trunk(x).detach().requires_grad_(True)
-        return self.network.head(features)
+        logits = []
+        for member in self.network.members:  # a mixture's members; else the network itself
+            features = member.trunk(x).detach().requires_grad_(True)
+            logits.append(member.head(features))
+        return torch.stack(logits).mean(0)
 
 
-def target_layers(head: nn.Module) -> list[nn.Module]:
-    """The last spatial activation of the head (of each member's, for an ensemble)."""
-    if isinstance(head, MeanOfHeads):
-        return [target_layer(h) for h in head.heads]  # Grad-CAM averages their maps
-    return [target_layer(head)]
+def without_spatial_layer(meta: dict) -> str | None:
+    """The model's (or a member's) architecture that has no spatial layer; None if all have."""
+    if meta["architecture"] == "mixture":
+        found = [without_spatial_layer(m) for m in meta["model_args"]["members"]]
+        return next((a for a in found if a is not None), None)
+    return None if meta["architecture"] in SPATIAL_ARCHITECTURES else meta["architecture"]
+
+
+def target_layers(network: nn.Module) -> list[nn.Module]:
+    """The last spatial activation of each head (of each member's, for an ensemble).
+
+    Grad-CAM averages their maps, each scaled to the input's size.
+    """
+    layers = []
+    for member in network.members:
+        heads = member.head.heads if isinstance(member.head, MeanOfHeads) else [member.head]
+        layers += [target_layer(h) for h in heads]
+    return layers
 
 
 def target_layer(head: nn.Sequential) -> nn.Module:
@@ -66,8 +82,8 @@ def heatmap(model: bundle.LoadedModel, image: np.ndarray, label: str | None = No
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
-    architecture = model.meta["architecture"]
-    if architecture not in SPATIAL_ARCHITECTURES:
+    architecture = without_spatial_layer(model.meta)
+    if architecture is not None:
         raise PneumoscanError(
             "heatmaps need a convolutional model (cnn or transfer); "
             f"{architecture} has no spatial layer"
@@ -79,7 +95,7 @@ def heatmap(model: bundle.LoadedModel, image: np.ndarray, label: str | None = No
             " (read it with reader.load(path, model.input_size))"
         )
     network = model.network
-    layers = target_layers(network.head)
+    layers = target_layers(network)
     x = torch.from_numpy(np.array(image, dtype=np.uint8)).float().div_(255.0)[None, None]
     # GradCAM switches the network to eval mode; the caller's modes are put back afterwards.
     modes = [(m, m.training) for m in network.modules()]

@@ -30,6 +30,15 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.trunk(x)).squeeze(1)
 
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen trunk's output (the guard's features, when they are the same) and logits."""
+        features = self.trunk(x)
+        return features, self.head(features).squeeze(1)
+
+    @property
+    def members(self) -> list[Classifier]:
+        return [self]
+
     @property
     def has_frozen_trunk(self) -> bool:
         return any(True for _ in self.trunk.parameters())
@@ -49,6 +58,41 @@ class MeanOfHeads(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return torch.stack([head(features) for head in self.heads]).mean(0)
+
+
+class Mixture(nn.Module):
+    """Models of different architectures, each run on the image: their mean logit.
+
+    `shared` is the index of the member whose frozen trunk is the guard's feature extractor
+    (None if none is): the scorer then takes the guard's features from that member.
+    """
+
+    def __init__(self, members: list[Classifier], shared: int | None = None):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.shared = shared
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(x) for member in self.members]).mean(0)
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.shared is None:
+            raise ValueError("no member of this mixture shares the guard's trunk")
+        logits = []
+        for i, member in enumerate(self.members):
+            if i == self.shared:
+                features, z = member.features_and_logits(x)
+            else:
+                z = member(x)
+            logits.append(z)
+        return features, torch.stack(logits).mean(0)
+
+    @property
+    def trunk(self) -> nn.Module:
+        """The frozen trunk shared with the guard."""
+        if self.shared is None:
+            raise ValueError("no member of this mixture shares the guard's trunk")
+        return self.members[self.shared].trunk
 
 
 def ensemble(members: list[Classifier]) -> Classifier:
@@ -198,7 +242,7 @@ def imagenet_trunk(stages: int) -> nn.Sequential:
 class Scorer(nn.Module):
     """Images in [0, 1] -> (logits, out-of-distribution distances): what every backend runs."""
 
-    def __init__(self, network: Classifier, ood: Guard | None, shares_trunk: bool):
+    def __init__(self, network: Classifier | Mixture, ood: Guard | None, shares_trunk: bool):
         super().__init__()
         self.network = network
         self.guard = ood
@@ -210,9 +254,17 @@ class Scorer(nn.Module):
             logits = self.network(x)
             return logits, torch.zeros_like(logits)
         if self.guard_trunk is None:
-            features = self.network.trunk(x)
-            return self.network.head(features).squeeze(1), self.guard(features)
+            features, logits = self.network.features_and_logits(x)
+            return logits, self.guard(features)
         return self.network(x), self.guard(self.guard_trunk(x))
+
+
+def shares_guard_trunk(architecture: str, model_args: dict) -> bool:
+    """Whether a model's own frozen trunk (a member's, for a mixture) is the guard's extractor."""
+    if architecture == "mixture":
+        return any(shares_guard_trunk(m["architecture"], m["model_args"]) for m in model_args["members"])
+    trainable = model_args.get("trainable_blocks", 2)
+    return architecture == "transfer" and trainable == 7 - FROZEN_STAGES
 
 
 def load_imagenet_weights(base: nn.Module) -> None:
@@ -244,8 +296,16 @@ def load_imagenet_weights(base: nn.Module) -> None:
 _FACTORIES = {"dense": dense, "cnn": cnn, "transfer": transfer}
 
 
-def create_model(name: str, image_size: int = 128, members: int = 1, **kwargs) -> Classifier:
-    """Build a model by name: `dense`, `cnn` or `transfer`; `members` > 1: an ensemble of them."""
+def create_model(name: str, image_size: int = 128, members=1, **kwargs) -> Classifier | Mixture:
+    """Build a model by name: `dense`, `cnn` or `transfer`; `members` > 1: an ensemble of them.
+
+    `mixture` joins models of any of those: `members` lists each one's `architecture` and
+    `model_args`.
+    """
+    if name == "mixture":
+        built = [create_model(m["architecture"], image_size, **m["model_args"]) for m in members]
+        shared = [shares_guard_trunk(m["architecture"], m["model_args"]) for m in members]
+        return Mixture(built, shared.index(True) if any(shared) else None)
     if name not in _FACTORIES:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
     for key in ("hidden", "channels"):

@@ -172,13 +172,14 @@ class _HeatmapWriter:
     """One overlay PNG per scored image; a file written never replaces one already there."""
 
     def __init__(self, model: LoadedModel, folder: Path | None):
-        from pneumoscan.explain import SPATIAL_ARCHITECTURES
+        from pneumoscan.explain import without_spatial_layer
 
         if not isinstance(model, LoadedModel):
             raise PneumoscanError("heatmaps need the torch backend (--backend torch)")
-        if model.meta["architecture"] not in SPATIAL_ARCHITECTURES:
+        flat = without_spatial_layer(model.meta)
+        if flat is not None:
             raise PneumoscanError(
-                f"--heatmaps: the {model.meta['architecture']} model has no spatial layer; "
+                f"--heatmaps: the {flat} model has no spatial layer; "
                 "use --model cnn or --model transfer"
             )
         if folder is not None:

@@ -139,7 +139,8 @@ def model_card(loaded: bundle.ModelCard, max_file_bytes: int, max_files: int) ->
     card = {
         "name": loaded.name,
         "architecture": meta["architecture"],
-        "members": meta.get("model_args", {}).get("members", 1),  # > 1: an ensemble of seeds
+        "description": loaded.description,  # e.g. "cnn x3 + transfer": what the model averages
+        "members": loaded.members,  # > 1: an ensemble
         "input_size": loaded.input_size,
         "class_names": loaded.class_names,
         "operating_points": points,

@@ -442,37 +442,72 @@ def train_ensemble(
     return join_members(folders, data_root, out_dir)
 
 
-def join_members(folders: list[Path], data_root: Path, out_dir: Path) -> bundle.LoadedModel:
-    """Members trained with one recipe but different seeds -> one model (mean logit) in OUT.
+def join_members(
+    folders: list[Path], data_root: Path, out_dir: Path, name: str | None = None
+) -> bundle.LoadedModel:
+    """Trained models -> one model (their mean logit) in OUT.
 
-    Calibration, thresholds and the guard are fit again, on validation, for the joined model.
+    Members of one recipe that differ only in their seed share their frozen trunk, which then
+    runs once. Members of different recipes or architectures (a `mixture`) each run whole;
+    they must have been trained on the same data and validation split. Calibration,
+    thresholds and the guard are fit again, on validation, for the joined model.
     """
     from pneumoscan.models import ensemble
 
     members = [bundle.load(f) for f in folders]
+    split_keys = ("image_size", "val_fraction", "split_seed")
+    first = members[0]
+    for folder, m in zip(folders, members, strict=True):
+        config = m.meta["training"]["config"]
+        if m.meta["architecture"] == "mixture":
+            raise PneumoscanError(f"{folder}: already a mixture; join its members instead")
+        if (
+            any(config[k] != first.meta["training"]["config"][k] for k in split_keys)
+            or m.meta["data"]["fingerprint"] != first.meta["data"]["fingerprint"]
+        ):
+            raise PneumoscanError(
+                f"{folder}: trained on other data or another validation split than {folders[0]};"
+                " ensemble members must share them"
+            )
     recipes = [{**m.meta["training"]["config"], "seed": 0} for m in members]
-    if any(r != recipes[0] for r in recipes):
-        raise PneumoscanError("ensemble members must share one recipe; only the seed may differ")
+    seeds_only = all(r == recipes[0] for r in recipes) and "members" not in first.meta["model_args"]
     # The guard, calibration and thresholds are the joined model's own, fit below.
-    first = {k: v for k, v in members[0].meta.items() if k not in ("ood", "test")}
-    meta = {
-        **first,
-        "model_args": {**first["model_args"], "members": len(members)},
-        "training": {
-            **first["training"],
-            "members": [
-                {
-                    "folder": str(f),
-                    "seed": m.meta["training"]["config"]["seed"],
-                    "validation_auc": m.meta["validation"]["auc"],
-                    "wall_time_s": m.meta["training"]["wall_time_s"],
-                }
-                for f, m in zip(folders, members, strict=True)
-            ],
-            "wall_time_s": round(sum(m.meta["training"]["wall_time_s"] for m in members), 1),
-        },
+    meta = {k: v for k, v in first.meta.items() if k not in ("ood", "test")}
+    meta["training"] = {
+        **first.meta["training"],
+        "members": [
+            {
+                "folder": str(f),
+                "model": m.description,
+                "seed": m.meta["training"]["config"]["seed"],
+                "validation_auc": m.meta["validation"]["auc"],
+                "wall_time_s": m.meta["training"]["wall_time_s"],
+            }
+            for f, m in zip(folders, members, strict=True)
+        ],
+        "wall_time_s": round(sum(m.meta["training"]["wall_time_s"] for m in members), 1),
     }
-    network = ensemble([m.network for m in members])
+    if seeds_only:
+        meta["model_args"] = {**first.meta["model_args"], "members": len(members)}
+        network = ensemble([m.network for m in members])
+    else:
+        from pneumoscan.models import create_model
+
+        meta["architecture"] = "mixture"
+        meta["model_args"] = {
+            "members": [
+                {"architecture": m.meta["architecture"], "model_args": m.meta["model_args"]}
+                for m in members
+            ]
+        }
+        meta["name"] = "+".join(m.name for m in members)
+        network = create_model("mixture", first.input_size, **bundle._without_pretraining(
+            "mixture", meta["model_args"]
+        ))
+        for target, m in zip(network.members, members, strict=True):
+            target.load_state_dict(m.network.state_dict())
+    if name is not None:
+        meta["name"] = name
     bundle.save(out_dir, network, meta)
     return fit_postprocessing(bundle.load(out_dir), data_root)
 
@@ -491,7 +526,7 @@ def fit_postprocessing(model: bundle.LoadedModel, data_root: Path) -> bundle.Loa
             f"{data_root}: not the data this model was trained on (fingerprint differs)"
         )
     if bundle.shares_guard_trunk(model.meta):
-        trunk = model.network.trunk
+        trunk = model.network.trunk  # a mixture's: that of its member which shares it
     else:
         from pneumoscan.models import imagenet_trunk
 

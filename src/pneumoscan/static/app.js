@@ -82,9 +82,10 @@
           const v = point.validation || {};
           return `${name} ${fmt(point.threshold)} (validation sensitivity ${fmt(v.sensitivity)}, specificity ${fmt(v.specificity)})`;
         });
+      // "cnn x3 + transfer": an ensemble, the mean of those networks' answers.
       const about =
-        (card.name === card.architecture ? "" : `${card.architecture}, `) +
-        (card.members > 1 ? `ensemble of ${card.members} seeds, ` : "");
+        (card.members > 1 ? `ensemble: ${card.description}, ` : "") +
+        (card.members === 1 && card.name !== card.architecture ? `${card.architecture}, ` : "");
       ui.model.textContent =
         `Model: ${card.name} (${about}${card.input_size}×${card.input_size} pixels). ` +
         `Thresholds: ${points.join("; ")}. Files up to ${sizeText(state.limits.max_file_bytes)}.`;
