@@ -35,7 +35,10 @@ def test_help_per_command(command: str) -> None:
         (["predict", "x.png", "--shard", "5/4"], "--shard '5/4'"),
         (["nope"], "No such command 'nope'"),
         (["join", "cnn", "--data", ".", "--out", "x"], "join: give at least two model folders"),
-        (["join", "cnn", "nowhere", "--data", ".", "--out", "x"], "join nowhere: not a bundled model"),
+        (
+            ["join", "cnn", "nowhere", "--data", ".", "--out", "x"],
+            "join nowhere: not a bundled model",
+        ),
     ],
 )
 def test_user_mistakes_give_one_line_and_non_zero_exit(

@@ -221,7 +221,7 @@ def load(model: str | Path) -> LoadedModel:
 
     card = read_card(model)
     meta = card.meta
-    args = _without_pretraining(meta["architecture"], meta.get("model_args", {}))
+    args = without_pretraining(meta["architecture"], meta.get("model_args", {}))
     network = create_model(meta["architecture"], meta["input_size"], **args)
     network.load_state_dict(_read_tensors(card, "weights"))
     ood = None
@@ -240,12 +240,12 @@ def shares_guard_trunk(meta: dict) -> bool:
     return models.shares_guard_trunk(meta["architecture"], meta.get("model_args", {}))
 
 
-def _without_pretraining(architecture: str, args: dict) -> dict:
+def without_pretraining(architecture: str, args: dict) -> dict:
     """Model arguments that skip loading ImageNet weights: the saved weights replace them."""
     if architecture == "mixture":
         return {
             "members": [
-                {**m, "model_args": _without_pretraining(m["architecture"], m["model_args"])}
+                {**m, "model_args": without_pretraining(m["architecture"], m["model_args"])}
                 for m in args["members"]
             ]
         }

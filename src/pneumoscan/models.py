@@ -262,7 +262,9 @@ class Scorer(nn.Module):
 def shares_guard_trunk(architecture: str, model_args: dict) -> bool:
     """Whether a model's own frozen trunk (a member's, for a mixture) is the guard's extractor."""
     if architecture == "mixture":
-        return any(shares_guard_trunk(m["architecture"], m["model_args"]) for m in model_args["members"])
+        return any(
+            shares_guard_trunk(m["architecture"], m["model_args"]) for m in model_args["members"]
+        )
     trainable = model_args.get("trainable_blocks", 2)
     return architecture == "transfer" and trainable == 7 - FROZEN_STAGES
 

@@ -501,9 +501,9 @@ def join_members(
             ]
         }
         meta["name"] = "+".join(m.name for m in members)
-        network = create_model("mixture", first.input_size, **bundle._without_pretraining(
-            "mixture", meta["model_args"]
-        ))
+        network = create_model(
+            "mixture", first.input_size, **bundle.without_pretraining("mixture", meta["model_args"])
+        )
         for target, m in zip(network.members, members, strict=True):
             target.load_state_dict(m.network.state_dict())
     if name is not None:
