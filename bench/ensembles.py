@@ -1,10 +1,11 @@
 """Seed and family ensembles, judged on validation only (test with --test, once, afterwards).
 
-    python bench/ensembles.py --data DIR --runs runs/seeds [--families cnn,transfer] [--seeds 0,1,2]
-        [--set model_args.equalize=true ...]
+    python bench/ensembles.py --data DIR --runs runs/seeds [--families cnn,transfer=runs/eq]
+        [--seeds 0,1,2] [--set model_args.equalize=true ...]
 
 Trains each family's bundled recipe once per seed (a run already in RUNS/FAMILY-sSEED is reused),
-then scores every single model and every ensemble (the mean of its members' logits) on the
+then scores every single model, every pair and every ensemble (the mean of its members'
+logits; pairs of seeds and pairs across families also as mean and sd over seeds) on the
 validation images carved from train: AUC, and specificity at the highest threshold that keeps
 validation sensitivity >= 0.99 (how many normals a near-complete detection spares). With --test
 it scores the same candidates on the test split: for the report of a recipe already chosen.
@@ -50,22 +51,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--runs", type=Path, required=True)
-    parser.add_argument("--families", default="cnn,transfer")
+    parser.add_argument(
+        "--families",
+        default="cnn,transfer",
+        help="comma-separated; FAMILY=DIR takes that family's runs from DIR instead of --runs",
+    )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--test", action="store_true", help="score on test (a chosen recipe)")
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE recipe change")
     args = parser.parse_args()
 
-    families = args.families.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
+    families = {}  # label -> (family, folder of its runs)
+    for entry in args.families.split(","):
+        family, _, folder = entry.partition("=")
+        label = f"{family}[{Path(folder).name}]" if folder else family
+        families[label] = (family, Path(folder) if folder else args.runs)
     models = {}
-    for family, seed in itertools.product(families, seeds):
-        folder = args.runs / f"{family}-s{seed}"
+    for (label, (family, runs)), seed in itertools.product(families.items(), seeds):
+        folder = runs / f"{family}-s{seed}"
         if not (folder / "model.json").exists():
             cfg = recipe(family, seed, args.set)
             train.train(cfg, args.data, folder, args.device, log=print, progress=False)
-        models[f"{family}-s{seed}"] = bundle.load(folder)
+        models[f"{label}-s{seed}"] = bundle.load(folder)
 
     reference = next(iter(models.values()))
     cfg = train.TrainConfig(**reference.meta["training"]["config"])
@@ -80,34 +89,62 @@ def main() -> None:
     logits = {name: model.raw_scores(images)[0] for name, model in models.items()}
 
     candidates = {name: [name] for name in logits}
-    for family in families:
-        candidates[f"{family} x{len(seeds)}"] = [f"{family}-s{s}" for s in seeds]
+    groups = {}  # candidates summarised together: mean and sd
+    for label in families:
+        candidates[f"{label} x{len(seeds)}"] = [f"{label}-s{s}" for s in seeds]
+        pairs = [f"{label}-s{a}+{label}-s{b}" for a, b in itertools.combinations(seeds, 2)]
+        groups[f"pairs of seeds of {label}"] = pairs
+        for pair in pairs:
+            candidates[pair] = pair.split("+")
     if len(families) > 1:
-        candidates[f"{'+'.join(families)} x{len(seeds)}"] = list(logits)
-        candidates["+".join(f"{f}-s{seeds[0]}" for f in families)] = [
-            f"{f}-s{seeds[0]}" for f in families
-        ]
+        candidates[" + ".join(f"{label} x{len(seeds)}" for label in families)] = list(logits)
+        crossed = ["+".join(f"{label}-s{s}" for label in families) for s in seeds]
+        groups[f"{' + '.join(families)}, one seed each"] = crossed
+        for name in crossed:
+            candidates[name] = name.split("+")
     rows = []
+    scores = {}
     for name, members in candidates.items():
         z = np.mean([logits[m] for m in members], axis=0)
-        rows.append(
-            {
-                "candidate": name,
-                "runs": str(args.runs),
-                "changes": args.set,
-                "members": len(members),
-                "split": split,
-                "n": len(labels),
-                "auc": round(metrics.auc(labels, z), 4),
-                "spec_at_sens_0.99": round(specificity_at_sensitivity(labels, z, 0.99), 4),
-                "date": date.today().isoformat(),
-            }
+        scores[name] = (metrics.auc(labels, z), specificity_at_sensitivity(labels, z, 0.99))
+        rows.append(_row(name, len(members), split, labels, *scores[name], args))
+    for name, members in groups.items():
+        aucs, specs = zip(*(scores[m] for m in members), strict=True)
+        row = _row(
+            f"{name} (mean of {len(members)})",
+            len(members[0].split("+")),
+            split,
+            labels,
+            float(np.mean(aucs)),
+            float(np.mean(specs)),
+            args,
         )
-        print(json.dumps(rows[-1]), flush=True)
+        row.update(
+            auc_sd=round(float(np.std(aucs, ddof=1)), 4),
+            spec_sd=round(float(np.std(specs, ddof=1)), 4),
+        )
+        rows.append(row)
+    for row in rows:
+        print(json.dumps(row), flush=True)
     RESULTS.mkdir(exist_ok=True)
     with (RESULTS / "cpu_ensembles.jsonl").open("a") as out:
         for row in rows:
             out.write(json.dumps(row) + "\n")
+
+
+def _row(name, members, split, labels, auc, spec, args) -> dict:
+    return {
+        "candidate": name,
+        "members": members,
+        "split": split,
+        "n": len(labels),
+        "auc": round(auc, 4),
+        "spec_at_sens_0.99": round(spec, 4),
+        "runs": str(args.runs),
+        "families": args.families,
+        "changes": args.set,
+        "date": date.today().isoformat(),
+    }
 
 
 if __name__ == "__main__":

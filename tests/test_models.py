@@ -65,3 +65,29 @@ def test_an_ensemble_is_rebuilt_from_its_saved_shape() -> None:
     network = create_model("transfer", members=2, pretrained=False)
     assert len(network.head.heads) == 2
     assert network(torch.zeros(2, 1, 64, 64)).shape == (2,)
+
+
+def test_equalisation_gives_every_image_one_histogram_whatever_its_exposure(
+    xray_files: list,
+) -> None:
+    from pneumoscan import reader
+    from pneumoscan.models import equalize
+
+    torch.manual_seed(0)
+    levels = torch.randint(0, 128, (2, 1, 64, 64))
+    # Any strictly increasing remapping of the grey levels (exposure, gamma, windowing that
+    # clips nothing) leaves the equalised image exactly as it was.
+    curve = (torch.arange(128.0) / 127) ** 0.5 * 200 + torch.arange(128.0) * 0.4
+    remapped = curve.round()[levels]
+    assert remapped.unique().numel() == levels.unique().numel()  # no two levels merged
+    a, b = equalize(levels / 255.0), equalize(remapped / 255.0)
+    assert torch.equal(a, b)
+    assert abs(a.mean().item() - 0.5) < 1e-6 and a.min() > 0 and a.max() < 1
+    on = create_model("cnn", equalize=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(on(levels / 255.0), on(remapped / 255.0))
+    # Real X-rays come out with a flat histogram: each decile holds about a tenth of the pixels.
+    for path in xray_files:
+        image = torch.from_numpy(reader.load(path, 128).copy()).float()[None, None] / 255
+        deciles = torch.quantile(equalize(image).flatten(), torch.linspace(0.1, 0.9, 9))
+        assert torch.allclose(deciles, torch.linspace(0.1, 0.9, 9), atol=0.03)
