@@ -21,7 +21,7 @@ run: $(BIN)/pneumoscan
 	  echo "or Mendeley Data doi:10.17632/rscbjbr9sj.2, CC BY 4.0) and unpack it so that" >&2; \
 	  echo "$(PNEUMOSCAN_DATA)/{train,val,test}/{NORMAL,PNEUMONIA}/ exist." >&2; \
 	  exit 2; fi
-	$(BIN)/pneumoscan evaluate --model dense --model cnn --model transfer --data "$(PNEUMOSCAN_DATA)" --split test
+	$(BIN)/pneumoscan evaluate --model dense --model cnn --model transfer --model ensemble --data "$(PNEUMOSCAN_DATA)" --split test
 
 ## Load test of `pneumoscan serve`: 2,000 test images of $PNEUMOSCAN_DATA from 32 clients;
 ## fails on any error or on memory growth (bench/stress.py; figures in bench/results/stress.jsonl).

@@ -42,8 +42,26 @@ def test_bundled_onnx_stores_fp16_weights_exactly() -> None:
     graph = onnx.load(str(folder / "model.onnx")).graph
     halves = [i for i in graph.initializer if i.data_type == TensorProto.FLOAT16]
     assert len(halves) > 100  # the network's weights, cast back to fp32 when the session starts
+    # The graph holds no second copy of them: it points into weights.safetensors.
+    pointers = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.initializer
+    assert {e.value for i in pointers for e in i.external_data if e.key == "location"} == {
+        "weights.safetensors",
+        "guard.safetensors",
+    }
     weights = (folder / "weights.safetensors").stat().st_size
-    assert (folder / "model.onnx").stat().st_size < 1.2 * weights
+    assert (folder / "model.onnx").stat().st_size < 0.05 * weights
+
+
+def test_the_graph_refuses_a_changed_weights_file(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = Path(shutil.copytree(tiny_models["transfer"], tmp_path / "m"))
+    weights = folder / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0x01  # one bit, deep in the tensors that the graph reads
+    weights.write_bytes(bytes(data))
+    with pytest.raises(PneumoscanError, match="weights.safetensors: checksum does not match"):
+        runtime.load(folder)
 
 
 def test_a_folder_without_a_graph_gets_one_exported_into_the_cache(

@@ -2,6 +2,7 @@
 
     python tools/bundle_models.py DATA_DIR runs/benchmark            # dense, cnn and transfer
     python tools/bundle_models.py DATA_DIR runs/benchmark transfer   # only one
+    python tools/bundle_models.py DATA_DIR runs/bundle ensemble      # the default: a joined model
 
 After the conversion the guard, calibration and thresholds are fit again on the model's own
 validation split, so they belong to the fp16 weights that ship. The README's results table
@@ -23,7 +24,8 @@ def main(data_root: Path, source: Path, names: list[str]) -> None:
     for name in names:
         model = bundle.load(source / name)
         target = bundle.bundled_dir() / name
-        bundle.save(target, model.network, model.meta, dtype=torch.float16, ood=model.scorer.guard)
+        meta = {**model.meta, "name": name}
+        bundle.save(target, model.network, meta, dtype=torch.float16, ood=model.scorer.guard)
         shipped = train.fit_postprocessing(bundle.load(target), data_root)
         size = sum(p.stat().st_size for p in target.glob("*.safetensors")) / 2**20
         points = shipped.meta["operating_points"]
@@ -34,4 +36,4 @@ def main(data_root: Path, source: Path, names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:] or list(MODEL_NAMES))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:] or [*MODEL_NAMES, "ensemble"])

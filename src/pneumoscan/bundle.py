@@ -175,8 +175,18 @@ def save(
         {k: v.to(dtype).to(v.dtype) for k, v in network.state_dict().items()}
     )
     scorer = Scorer(shipped, ood, shares_guard_trunk(meta))
-    runtime.export(scorer, int(meta["input_size"]), folder / ONNX_FILE)
-    meta["onnx"] = {"file": ONNX_FILE, "sha256": _sha256(folder / ONNX_FILE)}
+    external = ["weights"] + (["ood"] if ood is not None else [])
+    runtime.export(
+        scorer,
+        int(meta["input_size"]),
+        folder / ONNX_FILE,
+        tuple(folder / meta[key]["file"] for key in external),
+    )
+    meta["onnx"] = {
+        "file": ONNX_FILE,
+        "sha256": _sha256(folder / ONNX_FILE),
+        "external": external,  # model.json keys of the files that hold the graph's weights
+    }
     tmp = folder / f".{META_FILE}.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, folder / META_FILE)

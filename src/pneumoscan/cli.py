@@ -122,7 +122,7 @@ def evaluate(
     model: list[str] = typer.Option(
         [DEFAULT_MODEL],
         "--model",
-        help="Bundled model (dense, cnn, transfer) or a model folder; repeatable.",
+        help="Bundled model (ensemble, dense, cnn, transfer) or a model folder; repeatable.",
     ),
     data: Path = DATA_OPTION,
     split: str = typer.Option("test", "--split", help="Split to score: test, val or train."),
@@ -190,7 +190,9 @@ def predict(
         ..., help="Image files (JPEG, PNG, DICOM) or folders, searched recursively."
     ),
     model: str = typer.Option(
-        DEFAULT_MODEL, "--model", help="Bundled model (dense, cnn, transfer) or a model folder."
+        DEFAULT_MODEL,
+        "--model",
+        help="Bundled model (ensemble, dense, cnn, transfer) or a model folder.",
     ),
     mode: str = typer.Option(
         "detection", "--mode", help="Operating point: detection (sensitive) or balanced."
@@ -263,7 +265,9 @@ def predict(
 @app.command()
 def export(
     model: str = typer.Option(
-        DEFAULT_MODEL, "--model", help="Bundled model (dense, cnn, transfer) or a model folder."
+        DEFAULT_MODEL,
+        "--model",
+        help="Bundled model (ensemble, dense, cnn, transfer) or a model folder.",
     ),
     onnx: Path = typer.Option(..., "--onnx", help="ONNX file to write (dynamic batch)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
@@ -288,7 +292,9 @@ def serve(
     ),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
     model: str = typer.Option(
-        DEFAULT_MODEL, "--model", help="Bundled model (dense, cnn, transfer) or a model folder."
+        DEFAULT_MODEL,
+        "--model",
+        help="Bundled model (ensemble, dense, cnn, transfer) or a model folder.",
     ),
     max_file_mb: float = typer.Option(
         20, "--max-file-mb", min=0.001, help="Largest accepted upload, per file, in MB."

@@ -3,12 +3,17 @@
 Every model folder holds `model.onnx`: the same `Scorer` the torch backend runs, images in
 [0, 1] shaped (N, 1, S, S) in, logits and guard distances out. Calibration and thresholds stay
 in model.json. Weights that fp16 holds exactly (all of a bundled model's) are stored as fp16 and
-cast back when the session starts: half the file, the same answers.
+cast back when the session starts: half the file, the same answers. In a model folder the graph
+holds no copy of the weights: its tensors point into the folder's safetensors files (ONNX
+external data), so each weight is stored once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +47,8 @@ def load(model: str | Path, threads: int | None = None) -> OnnxModel:
     card = bundle.read_card(model)
     if "onnx" in card.meta:
         path = card.file("onnx")
+        for key in card.meta["onnx"].get("external", []):
+            card.file(key)  # the graph reads its weights from these files: check them too
     else:  # a folder saved before model.onnx was part of it: export once into the cache
         key = card.meta["weights"]["sha256"][:16] + card.meta.get("ood", {}).get("sha256", "")[:8]
         path = cache_dir() / "onnx" / f"{card.name}-{key}.onnx"
@@ -64,8 +71,12 @@ def session(path: Path, threads: int | None = None) -> Any:
         raise PneumoscanError(f"{path}: not a usable ONNX model ({exc})") from None
 
 
-def export(scorer: nn.Module, input_size: int, path: Path) -> Path:
-    """Write `scorer` to `path` as ONNX with a dynamic batch dimension."""
+def export(scorer: nn.Module, input_size: int, path: Path, external: tuple[Path, ...] = ()) -> Path:
+    """Write `scorer` to `path` as ONNX with a dynamic batch dimension.
+
+    Tensors whose bytes one of the safetensors files in `external` (beside `path`) holds are
+    not copied: the graph points at them there.
+    """
     import onnx
     import torch
 
@@ -89,6 +100,7 @@ def export(scorer: nn.Module, input_size: int, path: Path) -> Path:
         )
     graph = onnx.load(str(tmp))
     _store_exact_fp16(graph)
+    _point_into(graph, external)
     onnx.save(graph, str(tmp))
     os.replace(tmp, path)
     return path
@@ -115,3 +127,32 @@ def _store_exact_fp16(model: Any) -> None:
     nodes = casts + list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes)
+
+
+def _point_into(model: Any, files: tuple[Path, ...]) -> None:
+    """Replace each initializer whose bytes a safetensors file holds by a pointer into it."""
+    from onnx import TensorProto
+    from onnx.external_data_helper import set_external_data
+
+    found = {}
+    for path in files:
+        with path.open("rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(size))
+            body = handle.read()
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = entry["data_offsets"]
+            digest = hashlib.sha256(body[begin:end]).digest()
+            found[(entry["dtype"], digest)] = (path.name, 8 + size + begin, end - begin)
+    dtypes = {TensorProto.FLOAT16: "F16", TensorProto.FLOAT: "F32"}
+    for init in model.graph.initializer:
+        if init.data_type not in dtypes or not init.raw_data:
+            continue
+        key = (dtypes[init.data_type], hashlib.sha256(init.raw_data).digest())
+        if key in found:
+            location, offset, length = found[key]
+            set_external_data(init, location, offset, length)
+            init.data_location = TensorProto.EXTERNAL
+            init.ClearField("raw_data")
