@@ -60,7 +60,7 @@ def test_the_graph_refuses_a_changed_weights_file(
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0x01  # one bit, deep in the tensors that the graph reads
     weights.write_bytes(bytes(data))
-    with pytest.raises(PneumoscanError, match="weights.safetensors: checksum does not match"):
+    with pytest.raises(PneumoscanError, match=r"weights\.safetensors: checksum does not match"):
         runtime.load(folder)
 
 
