@@ -70,7 +70,7 @@ def test_unknown_format_version_is_refused(model_copy: Path) -> None:
 
 
 def test_unknown_model_name_names_the_choices(tmp_path: Path) -> None:
-    with pytest.raises(PneumoscanError, match="cnn, dense, transfer"):
+    with pytest.raises(PneumoscanError, match="cnn, dense, ensemble, transfer"):
         bundle.load("resnet")
     with pytest.raises(PneumoscanError, match=str(tmp_path)):
         bundle.load(tmp_path)
