@@ -34,6 +34,10 @@ def test_help_per_command(command: str) -> None:
         (["train", "--model", "dense"], "Missing option '--data'"),
         (["predict", "x.png", "--shard", "5/4"], "--shard '5/4'"),
         (["nope"], "No such command 'nope'"),
+        (
+            ["train", "--model", "cnn,transfer", "--data", ".", "--out", "x"],
+            "several models train with --seeds",
+        ),
         (["join", "cnn", "--data", ".", "--out", "x"], "join: give at least two model folders"),
         (
             ["join", "cnn", "nowhere", "--data", ".", "--out", "x"],

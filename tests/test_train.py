@@ -287,3 +287,14 @@ def test_a_mixture_of_families_scores_the_mean_and_shares_the_guard_trunk(
         explain.heatmap(with_dense, images[0])
     with pytest.raises(PneumoscanError, match="already a mixture"):
         train.join_members([tmp_path / "mix", tiny_models["cnn"]], small_data, tmp_path / "x")
+
+
+def test_one_call_trains_several_families_and_joins_them(small_data: Path, tmp_path: Path) -> None:
+    configs = [_quick("dense", max_steps=2), _quick("cnn", max_steps=2)]
+    joined = train.train_mixture(configs, [0, 1], small_data, tmp_path, log=_silent)
+    assert joined.description == "dense x2 + cnn x2" and joined.members == 4
+    for name in ("dense", "cnn"):
+        family = bundle.load(tmp_path / name)
+        assert family.members == 2 and (tmp_path / name / "seed-1" / "model.json").is_file()
+    with pytest.raises(PneumoscanError, match="already holds"):
+        train.train_mixture(configs, [0, 1], small_data, tmp_path, log=_silent)

@@ -30,7 +30,12 @@ def _stderr(message: str) -> None:
 
 @app.command()
 def train(
-    model: str = typer.Option(..., "--model", help="dense, cnn or transfer."),
+    model: str = typer.Option(
+        ...,
+        "--model",
+        help="dense, cnn or transfer; several (e.g. cnn,transfer, with --seeds) train each and "
+        "join them.",
+    ),
     data: Path = DATA_OPTION,
     out: Path = typer.Option(..., "--out", help="Folder to write the trained model to."),
     epochs: int | None = typer.Option(
@@ -66,19 +71,30 @@ def train(
     """Train one model; validation is carved from train by patient, test is never read."""
     from pneumoscan import train as training
 
-    cfg = training.load_config(
-        model, config, epochs=epochs, image_size=image_size, seed=seed, max_steps=max_steps
-    )
+    names = model.split(",")
+    if len(names) > 1 and (seeds is None or config is not None):
+        raise PneumoscanError(
+            f"--model {model}: several models train with --seeds (e.g. --seeds 0,1,2) "
+            "and their bundled configs"
+        )
+    overrides = {"epochs": epochs, "image_size": image_size, "seed": seed, "max_steps": max_steps}
+    configs = [training.load_config(name, config, **overrides) for name in names]
     options = {"device_name": device, "progress": sys.stderr.isatty(), "devices": devices}
     if seeds is not None:
         try:
             members = [int(s) for s in seeds.split(",")]
         except ValueError:
             raise PneumoscanError(f"--seeds {seeds!r}: write integers, e.g. 0,1,2") from None
-        loaded = training.train_ensemble(
-            cfg, members, data, out, resume=resume, force=force, log=_stderr, **options
-        )
+        if len(configs) > 1:
+            loaded = training.train_mixture(
+                configs, members, data, out, resume=resume, force=force, log=_stderr, **options
+            )
+        else:
+            loaded = training.train_ensemble(
+                configs[0], members, data, out, resume=resume, force=force, log=_stderr, **options
+            )
     else:
+        cfg = configs[0]
         loaded = training.train(cfg, data, out, resume=resume, force=force, log=_stderr, **options)
     if loaded is None:
         return  # a rank other than 0 under torchrun: rank 0 wrote the model

@@ -442,6 +442,33 @@ def train_ensemble(
     return join_members(folders, data_root, out_dir)
 
 
+def train_mixture(
+    configs: list[TrainConfig],
+    seeds: list[int],
+    data_root: Path,
+    out_dir: Path,
+    resume: bool = False,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    **options,
+) -> bundle.LoadedModel | None:
+    """Each recipe as an ensemble of `seeds` in OUT/MODEL, then all of them joined in OUT."""
+    out_dir = Path(out_dir)
+    if (out_dir / bundle.META_FILE).exists() and not (resume or force):
+        raise PneumoscanError(
+            f"{out_dir} already holds a trained model; pass --force to overwrite it"
+        )
+    folders = []
+    for cfg in configs:
+        log(f"=== {cfg.model} x{len(seeds)}")
+        folder = out_dir / cfg.model
+        train_ensemble(cfg, seeds, data_root, folder, resume, force, log, **options)
+        folders.append(folder)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    return join_members(folders, data_root, out_dir)
+
+
 def join_members(
     folders: list[Path], data_root: Path, out_dir: Path, name: str | None = None
 ) -> bundle.LoadedModel:
