@@ -320,6 +320,6 @@ def test_the_default_models_card_says_it_is_an_ensemble() -> None:
 
     with TestClient(create_app(DEFAULT_MODEL)) as client:
         card = client.get("/api/v1/model").json()
-    assert card["name"] == "ensemble" and card["members"] == 6
-    assert card["description"] == "cnn x3 + transfer x3" and card["architecture"] == "mixture"
+    assert card["name"] == "ensemble" and card["members"] == 2
+    assert card["description"] == "cnn + transfer" and card["architecture"] == "mixture"
     assert card["validation"]["auc"] > 0.99

@@ -298,3 +298,5 @@ def test_one_call_trains_several_families_and_joins_them(small_data: Path, tmp_p
         assert family.members == 2 and (tmp_path / name / "seed-1" / "model.json").is_file()
     with pytest.raises(PneumoscanError, match="already holds"):
         train.train_mixture(configs, [0, 1], small_data, tmp_path, log=_silent)
+    single = train.train_mixture(configs, [0], small_data, tmp_path / "one", log=_silent)
+    assert single.description == "dense + cnn"  # one seed: each member a single model

@@ -452,7 +452,8 @@ def train_mixture(
     log: Callable[[str], None] = print,
     **options,
 ) -> bundle.LoadedModel | None:
-    """Each recipe as an ensemble of `seeds` in OUT/MODEL, then all of them joined in OUT."""
+    """Each recipe trained once per seed in OUT/MODEL (joined there if several), then all joined
+    in OUT. The default `ensemble` is `cnn,transfer` with seed 0."""
     out_dir = Path(out_dir)
     if (out_dir / bundle.META_FILE).exists() and not (resume or force):
         raise PneumoscanError(
@@ -462,7 +463,13 @@ def train_mixture(
     for cfg in configs:
         log(f"=== {cfg.model} x{len(seeds)}")
         folder = out_dir / cfg.model
-        train_ensemble(cfg, seeds, data_root, folder, resume, force, log, **options)
+        if len(seeds) == 1:  # one seed: the family's member is a single model
+            again = resume and (folder / CHECKPOINT_FILE).exists()
+            if not (resume and (folder / bundle.META_FILE).exists()):
+                member = replace(cfg, seed=seeds[0])
+                train(member, data_root, folder, resume=again, force=force, log=log, **options)
+        else:
+            train_ensemble(cfg, seeds, data_root, folder, resume, force, log, **options)
         folders.append(folder)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
