@@ -82,9 +82,9 @@
           const v = point.validation || {};
           return `${name} ${fmt(point.threshold)} (validation sensitivity ${fmt(v.sensitivity)}, specificity ${fmt(v.specificity)})`;
         });
-      // "cnn x3 + transfer": an ensemble, the mean of those networks' answers.
+      // An ensemble averages its networks' answers: "mean of cnn + transfer", "mean of cnn x3".
       const about =
-        (card.members > 1 ? `ensemble: ${card.description}, ` : "") +
+        (card.members > 1 ? `mean of ${card.description}, ` : "") +
         (card.members === 1 && card.name !== card.architecture ? `${card.architecture}, ` : "");
       ui.model.textContent =
         `Model: ${card.name} (${about}${card.input_size}×${card.input_size} pixels). ` +
