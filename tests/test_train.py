@@ -291,12 +291,12 @@ def test_a_mixture_of_families_scores_the_mean_and_shares_the_guard_trunk(
 
 def test_one_call_trains_several_families_and_joins_them(small_data: Path, tmp_path: Path) -> None:
     configs = [_quick("dense", max_steps=2), _quick("cnn", max_steps=2)]
-    joined = train.train_mixture(configs, [0, 1], small_data, tmp_path, log=_silent)
+    joined = train.train_ensemble(configs, [0, 1], small_data, tmp_path, log=_silent)
     assert joined.description == "dense x2 + cnn x2" and joined.members == 4
     for name in ("dense", "cnn"):
         family = bundle.load(tmp_path / name)
         assert family.members == 2 and (tmp_path / name / "seed-1" / "model.json").is_file()
     with pytest.raises(PneumoscanError, match="already holds"):
-        train.train_mixture(configs, [0, 1], small_data, tmp_path, log=_silent)
-    single = train.train_mixture(configs, [0], small_data, tmp_path / "one", log=_silent)
+        train.train_ensemble(configs, [0, 1], small_data, tmp_path, log=_silent)
+    single = train.train_ensemble(configs, [0], small_data, tmp_path / "one", log=_silent)
     assert single.description == "dense + cnn"  # one seed: each member a single model

@@ -85,14 +85,9 @@ def train(
             members = [int(s) for s in seeds.split(",")]
         except ValueError:
             raise PneumoscanError(f"--seeds {seeds!r}: write integers, e.g. 0,1,2") from None
-        if len(configs) > 1:
-            loaded = training.train_mixture(
-                configs, members, data, out, resume=resume, force=force, log=_stderr, **options
-            )
-        else:
-            loaded = training.train_ensemble(
-                configs[0], members, data, out, resume=resume, force=force, log=_stderr, **options
-            )
+        loaded = training.train_ensemble(
+            configs, members, data, out, resume=resume, force=force, log=_stderr, **options
+        )
     else:
         cfg = configs[0]
         loaded = training.train(cfg, data, out, resume=resume, force=force, log=_stderr, **options)

@@ -407,7 +407,7 @@ def train(
 
 
 def train_ensemble(
-    cfg: TrainConfig,
+    cfg: TrainConfig | list[TrainConfig],
     seeds: list[int],
     data_root: Path,
     out_dir: Path,
@@ -416,63 +416,42 @@ def train_ensemble(
     log: Callable[[str], None] = print,
     **options,
 ) -> bundle.LoadedModel | None:
-    """Train `cfg` once per seed into OUT/seed-N, then join the members into one model in OUT.
+    """Train each recipe once per seed, then join all of them into one model in OUT.
 
-    With `resume`, members already trained are kept and an interrupted one resumes from its
-    checkpoint. `options` go to `train` (device_name, progress, devices).
+    One recipe: members in OUT/seed-N. Several (a mixture, e.g. `cnn` and `transfer`): each
+    recipe in OUT/MODEL, itself joined from OUT/MODEL/seed-N when there are several seeds. The
+    default `ensemble` is `cnn` and `transfer` with seed 0. With `resume`, members already
+    trained are kept and an interrupted one resumes from its checkpoint. `options` go to `train`
+    (device_name, progress, devices).
     """
     out_dir = Path(out_dir)
     if (out_dir / bundle.META_FILE).exists() and not (resume or force):
         raise PneumoscanError(
             f"{out_dir} already holds a trained model; pass --force to overwrite it"
         )
+    configs = cfg if isinstance(cfg, list) else [cfg]
+    if len(configs) == 1:
+        members = [(configs[0], seed, out_dir / f"seed-{seed}") for seed in seeds]
+    else:
+        members = [(c, seeds[0], out_dir / c.model) for c in configs if len(seeds) == 1]
     folders = []
-    for seed in seeds:
-        folder = out_dir / f"seed-{seed}"
+    for member_cfg, seed, folder in members:
         if resume and (folder / bundle.META_FILE).exists():
-            log(f"member seed {seed}: kept the model already in {folder}")
+            log(f"member {member_cfg.model} seed {seed}: kept the model already in {folder}")
         else:
-            log(f"== member seed {seed}")
+            log(f"== member {member_cfg.model} seed {seed}")
             again = resume and (folder / CHECKPOINT_FILE).exists()
-            member = replace(cfg, seed=seed)
+            member = replace(member_cfg, seed=seed)
             train(member, data_root, folder, resume=again, force=force, log=log, **options)
         folders.append(folder)
+    if len(configs) > 1 and len(seeds) > 1:  # each recipe an ensemble of seeds of its own
+        for c in configs:
+            log(f"=== {c.model} x{len(seeds)}")
+            folder = out_dir / c.model
+            train_ensemble(c, seeds, data_root, folder, resume, force, log, **options)
+            folders.append(folder)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None  # under torchrun: rank 0 joins the members
-    return join_members(folders, data_root, out_dir)
-
-
-def train_mixture(
-    configs: list[TrainConfig],
-    seeds: list[int],
-    data_root: Path,
-    out_dir: Path,
-    resume: bool = False,
-    force: bool = False,
-    log: Callable[[str], None] = print,
-    **options,
-) -> bundle.LoadedModel | None:
-    """Each recipe trained once per seed in OUT/MODEL (joined there if several), then all joined
-    in OUT. The default `ensemble` is `cnn,transfer` with seed 0."""
-    out_dir = Path(out_dir)
-    if (out_dir / bundle.META_FILE).exists() and not (resume or force):
-        raise PneumoscanError(
-            f"{out_dir} already holds a trained model; pass --force to overwrite it"
-        )
-    folders = []
-    for cfg in configs:
-        log(f"=== {cfg.model} x{len(seeds)}")
-        folder = out_dir / cfg.model
-        if len(seeds) == 1:  # one seed: the family's member is a single model
-            again = resume and (folder / CHECKPOINT_FILE).exists()
-            if not (resume and (folder / bundle.META_FILE).exists()):
-                member = replace(cfg, seed=seeds[0])
-                train(member, data_root, folder, resume=again, force=force, log=log, **options)
-        else:
-            train_ensemble(cfg, seeds, data_root, folder, resume, force, log, **options)
-        folders.append(folder)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return None
     return join_members(folders, data_root, out_dir)
 
 
