@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from ensembles import recipe  # bench/ is the script's folder, so on its path
 
 from pneumoscan import train
 
@@ -44,12 +45,7 @@ def main() -> None:
         value = yaml.safe_load(raw)
         aucs, losses, walls, noise_mean, noise_p99 = [], [], [], [], []
         for seed in (int(s) for s in args.seeds.split(",")):
-            cfg = train.load_config(args.model, seed=seed)
-            target = cfg.__dict__
-            *parents, leaf = key.split(".")
-            for p in parents:
-                target = target[p]
-            target[leaf] = value
+            cfg = recipe(args.model, seed, [f"{key}={raw}"])
             start = time.perf_counter()
             with tempfile.TemporaryDirectory() as out:
                 model = train.train(

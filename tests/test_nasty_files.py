@@ -67,6 +67,12 @@ def _encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
     return buffer.getvalue()
 
 
+def _two_frames(s: Seeds, fmt: str) -> bytes:
+    """The X-ray, then a black second frame: an animation."""
+    frame = Image.new("L", (224, 224))
+    return _encode(Image.fromarray(s.grey), fmt, save_all=True, append_images=[frame])
+
+
 def _replace_once(data: bytes, old: bytes, new: bytes) -> bytes:
     assert data.count(old) == 1, old
     return data.replace(old, new)
@@ -332,24 +338,8 @@ CASES: dict[str, Case] = {
     "16x16.png": Case(lambda s: _encode(Image.new("L", (16, 16), 90), "PNG"), "scored"),
     "dicom-zero-rows.dcm": Case(lambda s: _dicom(s, Rows=0), "too small"),
     # More than one picture.
-    "animated.gif": Case(
-        lambda s: _encode(
-            Image.fromarray(s.grey),
-            "GIF",
-            save_all=True,
-            append_images=[Image.new("L", (224, 224))],
-        ),
-        "multi-frame",
-    ),
-    "animated.png": Case(
-        lambda s: _encode(
-            Image.fromarray(s.grey),
-            "PNG",
-            save_all=True,
-            append_images=[Image.new("L", (224, 224))],
-        ),
-        "multi-frame",
-    ),
+    "animated.gif": Case(lambda s: _two_frames(s, "GIF"), "multi-frame"),
+    "animated.png": Case(lambda s: _two_frames(s, "PNG"), "multi-frame"),
     "apng-one-frame.png": Case(
         lambda s: _encode(Image.fromarray(s.grey), "PNG", save_all=True, append_images=[]),
         "scored",

@@ -60,12 +60,15 @@ class ModelCard:
     @property
     def description(self) -> str:
         """What the network is: `cnn`, `cnn x3` (an ensemble of seeds), `cnn x3 + transfer`."""
-        return _describe(self.meta["architecture"], self.meta.get("model_args", {}))
+        return " + ".join(
+            f"{architecture} x{args['members']}" if args.get("members", 1) > 1 else architecture
+            for architecture, args in parts(self.meta)
+        )
 
     @property
     def members(self) -> int:
         """How many trained networks the model averages (1: a single model)."""
-        return _count(self.meta["architecture"], self.meta.get("model_args", {}))
+        return sum(int(args.get("members", 1)) for _, args in parts(self.meta))
 
     @property
     def ood_threshold(self) -> float | None:
@@ -231,7 +234,13 @@ def load(model: str | Path) -> LoadedModel:
 
     card = read_card(model)
     meta = card.meta
-    args = without_pretraining(meta["architecture"], meta.get("model_args", {}))
+    args = {**meta.get("model_args", {})}
+    if meta["architecture"] == "mixture":
+        args["members"] = [
+            {"architecture": a, "model_args": _without_pretraining(a, x)} for a, x in parts(meta)
+        ]
+    else:
+        args = _without_pretraining(meta["architecture"], args)
     network = create_model(meta["architecture"], meta["input_size"], **args)
     network.load_state_dict(_read_tensors(card, "weights"))
     ood = None
@@ -243,36 +252,27 @@ def load(model: str | Path) -> LoadedModel:
     return LoadedModel(card.name, card.folder, meta, network, scorer)
 
 
+def parts(meta: dict) -> list[tuple[str, dict]]:
+    """(architecture, model_args) of each model a mixture joins; of the model itself otherwise.
+
+    Mixtures are never nested (`train.join_members` refuses it).
+    """
+    args = meta.get("model_args", {})
+    if meta["architecture"] == "mixture":
+        return [(m["architecture"], m["model_args"]) for m in args["members"]]
+    return [(meta["architecture"], args)]
+
+
 def shares_guard_trunk(meta: dict) -> bool:
-    """Whether the model's own frozen trunk is exactly the guard's feature extractor."""
+    """Whether the model's own frozen trunk (a member's) is exactly the guard's extractor."""
     from pneumoscan import models
 
-    return models.shares_guard_trunk(meta["architecture"], meta.get("model_args", {}))
+    return any(models.shares_guard_trunk(a, args) for a, args in parts(meta))
 
 
-def without_pretraining(architecture: str, args: dict) -> dict:
+def _without_pretraining(architecture: str, args: dict) -> dict:
     """Model arguments that skip loading ImageNet weights: the saved weights replace them."""
-    if architecture == "mixture":
-        return {
-            "members": [
-                {**m, "model_args": without_pretraining(m["architecture"], m["model_args"])}
-                for m in args["members"]
-            ]
-        }
     return {**args, "pretrained": False} if architecture == "transfer" else dict(args)
-
-
-def _describe(architecture: str, args: dict) -> str:
-    if architecture == "mixture":
-        return " + ".join(_describe(m["architecture"], m["model_args"]) for m in args["members"])
-    seeds = args.get("members", 1)
-    return f"{architecture} x{seeds}" if seeds > 1 else architecture
-
-
-def _count(architecture: str, args: dict) -> int:
-    if architecture == "mixture":
-        return sum(_count(m["architecture"], m["model_args"]) for m in args["members"])
-    return int(args.get("members", 1))
 
 
 def _read_tensors(card: ModelCard, key: str) -> dict[str, torch.Tensor]:

@@ -89,8 +89,9 @@ def train(
             configs, members, data, out, resume=resume, force=force, log=_stderr, **options
         )
     else:
-        cfg = configs[0]
-        loaded = training.train(cfg, data, out, resume=resume, force=force, log=_stderr, **options)
+        loaded = training.train(
+            configs[0], data, out, resume=resume, force=force, log=_stderr, **options
+        )
     if loaded is None:
         return  # a rank other than 0 under torchrun: rank 0 wrote the model
     points = loaded.meta["operating_points"]

@@ -40,10 +40,7 @@ class _OneLogit(nn.Module):
 
 def without_spatial_layer(meta: dict) -> str | None:
     """The model's (or a member's) architecture that has no spatial layer; None if all have."""
-    if meta["architecture"] == "mixture":
-        found = [without_spatial_layer(m) for m in meta["model_args"]["members"]]
-        return next((a for a in found if a is not None), None)
-    return None if meta["architecture"] in SPATIAL_ARCHITECTURES else meta["architecture"]
+    return next((a for a, _ in bundle.parts(meta) if a not in SPATIAL_ARCHITECTURES), None)
 
 
 def target_layers(network: nn.Module) -> list[nn.Module]:

@@ -76,11 +76,10 @@ class Mixture(nn.Module):
         return torch.stack([member(x) for member in self.members]).mean(0)
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.shared is None:
-            raise ValueError("no member of this mixture shares the guard's trunk")
+        sharing = self._sharing()
         logits = []
-        for i, member in enumerate(self.members):
-            if i == self.shared:
+        for member in self.members:
+            if member is sharing:
                 features, z = member.features_and_logits(x)
             else:
                 z = member(x)
@@ -90,9 +89,18 @@ class Mixture(nn.Module):
     @property
     def trunk(self) -> nn.Module:
         """The frozen trunk shared with the guard."""
+        return self._sharing().trunk
+
+    def _sharing(self) -> Classifier:
         if self.shared is None:
             raise ValueError("no member of this mixture shares the guard's trunk")
-        return self.members[self.shared].trunk
+        return self.members[self.shared]
+
+
+def mixture(members: list[Classifier], specs: list[dict]) -> Mixture:
+    """Join networks of different recipes; `specs` holds each one's architecture and model_args."""
+    sharing = [shares_guard_trunk(s["architecture"], s["model_args"]) for s in specs]
+    return Mixture(members, sharing.index(True) if any(sharing) else None)
 
 
 def ensemble(members: list[Classifier]) -> Classifier:
@@ -260,11 +268,7 @@ class Scorer(nn.Module):
 
 
 def shares_guard_trunk(architecture: str, model_args: dict) -> bool:
-    """Whether a model's own frozen trunk (a member's, for a mixture) is the guard's extractor."""
-    if architecture == "mixture":
-        return any(
-            shares_guard_trunk(m["architecture"], m["model_args"]) for m in model_args["members"]
-        )
+    """Whether a model's own frozen trunk is exactly the guard's feature extractor."""
     trainable = model_args.get("trainable_blocks", 2)
     return architecture == "transfer" and trainable == 7 - FROZEN_STAGES
 
@@ -306,8 +310,7 @@ def create_model(name: str, image_size: int = 128, members=1, **kwargs) -> Class
     """
     if name == "mixture":
         built = [create_model(m["architecture"], image_size, **m["model_args"]) for m in members]
-        shared = [shares_guard_trunk(m["architecture"], m["model_args"]) for m in members]
-        return Mixture(built, shared.index(True) if any(shared) else None)
+        return mixture(built, members)
     if name not in _FACTORIES:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
     for key in ("hidden", "channels"):

@@ -430,26 +430,25 @@ def train_ensemble(
             f"{out_dir} already holds a trained model; pass --force to overwrite it"
         )
     configs = cfg if isinstance(cfg, list) else [cfg]
-    if len(configs) == 1:
-        members = [(configs[0], seed, out_dir / f"seed-{seed}") for seed in seeds]
-    else:
-        members = [(c, seeds[0], out_dir / c.model) for c in configs if len(seeds) == 1]
-    folders = []
-    for member_cfg, seed, folder in members:
+
+    def member(recipe: TrainConfig, seed: int, folder: Path) -> Path:
         if resume and (folder / bundle.META_FILE).exists():
-            log(f"member {member_cfg.model} seed {seed}: kept the model already in {folder}")
+            log(f"member {recipe.model} seed {seed}: kept the model already in {folder}")
         else:
-            log(f"== member {member_cfg.model} seed {seed}")
+            log(f"== member {recipe.model} seed {seed}")
             again = resume and (folder / CHECKPOINT_FILE).exists()
-            member = replace(member_cfg, seed=seed)
-            train(member, data_root, folder, resume=again, force=force, log=log, **options)
-        folders.append(folder)
-    if len(configs) > 1 and len(seeds) > 1:  # each recipe an ensemble of seeds of its own
-        for c in configs:
-            log(f"=== {c.model} x{len(seeds)}")
-            folder = out_dir / c.model
+            trained = replace(recipe, seed=seed)
+            train(trained, data_root, folder, resume=again, force=force, log=log, **options)
+        return folder
+
+    if len(configs) == 1:
+        folders = [member(configs[0], s, out_dir / f"seed-{s}") for s in seeds]
+    elif len(seeds) == 1:
+        folders = [member(c, seeds[0], out_dir / c.model) for c in configs]
+    else:  # each recipe an ensemble of seeds of its own
+        folders = [out_dir / c.model for c in configs]
+        for c, folder in zip(configs, folders, strict=True):
             train_ensemble(c, seeds, data_root, folder, resume, force, log, **options)
-            folders.append(folder)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None  # under torchrun: rank 0 joins the members
     return join_members(folders, data_root, out_dir)
@@ -504,21 +503,15 @@ def join_members(
         meta["model_args"] = {**first.meta["model_args"], "members": len(members)}
         network = ensemble([m.network for m in members])
     else:
-        from pneumoscan.models import create_model
+        from pneumoscan.models import mixture
 
-        meta["architecture"] = "mixture"
-        meta["model_args"] = {
-            "members": [
-                {"architecture": m.meta["architecture"], "model_args": m.meta["model_args"]}
-                for m in members
-            ]
-        }
+        specs = [
+            {"architecture": m.meta["architecture"], "model_args": m.meta["model_args"]}
+            for m in members
+        ]
+        meta.update(architecture="mixture", model_args={"members": specs})
         meta["name"] = "+".join(m.name for m in members)
-        network = create_model(
-            "mixture", first.input_size, **bundle.without_pretraining("mixture", meta["model_args"])
-        )
-        for target, m in zip(network.members, members, strict=True):
-            target.load_state_dict(m.network.state_dict())
+        network = mixture([m.network for m in members], specs)
     if name is not None:
         meta["name"] = name
     bundle.save(out_dir, network, meta)
