@@ -38,6 +38,10 @@ def test_help_per_command(command: str) -> None:
             ["train", "--model", "cnn,transfer", "--data", ".", "--out", "x"],
             "several models train with --seeds",
         ),
+        (
+            ["train", "--model", "cnn", "--val-design", "latest", "--data", ".", "--out", "x"],
+            "--val-design 'latest': choose one of random, earliest",
+        ),
         (["join", "cnn", "--data", ".", "--out", "x"], "join: give at least two model folders"),
         (
             ["join", "cnn", "nowhere", "--data", ".", "--out", "x"],

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,41 @@ def test_validation_never_shares_a_patient_and_keeps_class_balance(data_root: Pa
     assert abs(val.labels.mean() - train.labels.mean()) < 0.03
     again = data.train_val_split(data.list_split(data_root, "train"), 0.1, seed=0)[1]
     assert again.files == val.files  # fixed seed, same split
+
+
+def test_earliest_design_holds_out_the_first_numbered_patients_of_each_series(
+    data_root: Path,
+) -> None:
+    listed = data.list_split(data_root, "train")
+    train, val = data.train_val_split(listed, 0.1, design="earliest")
+    train_patients = {data.patient_id(f.name) for f in train.files}
+    val_patients = {data.patient_id(f.name) for f in val.files}
+    assert not train_patients & val_patients and len(train) + len(val) == len(listed)
+
+    def number(patient: str) -> int:
+        return int(re.findall(r"\d+", patient)[-1])
+
+    for series in ("IM-", "NORMAL2-IM-", "PERSON"):
+        held = [number(p) for p in val_patients if re.fullmatch(rf"{series}\d+", p)]
+        kept = [number(p) for p in train_patients if re.fullmatch(rf"{series}\d+", p)]
+        assert held and max(held) < min(kept)  # a hold-out in time, if numbers follow time
+        n_held = sum(
+            re.fullmatch(rf"{series}\d+", data.patient_id(f.name)) is not None for f in val.files
+        )
+        n_all = sum(
+            re.fullmatch(rf"{series}\d+", data.patient_id(f.name)) is not None for f in listed.files
+        )
+        assert 0.08 < n_held / n_all < 0.12
+    assert data.train_val_split(listed, 0.1, seed=5, design="earliest")[1].files == val.files
+
+
+def test_earliest_design_spares_series_too_small_to_give_a_patient(tmp_path: Path) -> None:
+    names = [f"scan_{i:03d}.png" for i in range(20)] + ["alpha.png", "beta.png"]
+    split = data.Split([tmp_path / n for n in names], np.zeros(len(names), np.int64), ["A", "B"])
+    _, val = data.train_val_split(split, 0.1, design="earliest")
+    assert [f.name for f in val.files] == ["scan_000.png", "scan_001.png"]
+    with pytest.raises(PneumoscanError, match="val_design 'latest': choose one of random"):
+        data.train_val_split(split, 0.1, design="latest")
 
 
 def test_missing_or_empty_folders_name_the_problem(tmp_path: Path) -> None:

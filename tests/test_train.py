@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -250,10 +251,14 @@ def test_an_ensemble_of_seeds_scores_the_mean_of_its_members(
     assert cam.shape == (128, 128) and cam.max() > 0
     with pytest.raises(PneumoscanError, match="already holds"):
         train.train_ensemble(cfg, [0, 1], small_data, tmp_path, device_name="cpu", log=_silent)
-    other = _quick("cnn", max_steps=4, val_fraction=0.3)
-    train.train(other, small_data, tmp_path / "other", "cpu", log=_silent, progress=False)
-    with pytest.raises(PneumoscanError, match="another validation split"):
-        train.join_members([tmp_path / "seed-0", tmp_path / "other"], small_data, tmp_path / "x")
+    for change in ({"val_fraction": 0.3}, {"val_design": "earliest"}):
+        other = _quick("cnn", max_steps=4, **change)
+        train.train(other, small_data, tmp_path / "other", "cpu", log=_silent, progress=False)
+        with pytest.raises(PneumoscanError, match="another validation split"):
+            train.join_members(
+                [tmp_path / "seed-0", tmp_path / "other"], small_data, tmp_path / "x"
+            )
+        shutil.rmtree(tmp_path / "other")
 
 
 def test_a_mixture_of_families_scores_the_mean_and_shares_the_guard_trunk(

@@ -61,6 +61,12 @@ def train(
         "--seeds",
         help="Train one member per seed (e.g. 0,1,2) and ship their mean: an ensemble.",
     ),
+    val_design: str | None = typer.Option(
+        None,
+        "--val-design",
+        help="How validation is carved from train, by patient: random (default) or earliest "
+        "(the first-numbered patients of each series, a hold-out in time).",
+    ),
     devices: int = typer.Option(
         1,
         "--devices",
@@ -77,7 +83,13 @@ def train(
             f"--model {model}: several models train with --seeds (e.g. --seeds 0,1,2) "
             "and their bundled configs"
         )
-    overrides = {"epochs": epochs, "image_size": image_size, "seed": seed, "max_steps": max_steps}
+    overrides = {
+        "epochs": epochs,
+        "image_size": image_size,
+        "seed": seed,
+        "max_steps": max_steps,
+        "val_design": val_design,
+    }
     configs = [training.load_config(name, config, **overrides) for name in names]
     options = {"device_name": device, "progress": sys.stderr.isatty(), "devices": devices}
     if seeds is not None:

@@ -79,15 +79,55 @@ def list_split(root: str | Path, split: str) -> Split:
     return Split(files, np.asarray(labels, dtype=np.int64), classes)
 
 
-def train_val_split(train: Split, val_fraction: float = 0.1, seed: int = 0) -> tuple[Split, Split]:
-    """Carve a validation set from train: grouped by patient, stratified by class."""
-    from sklearn.model_selection import StratifiedGroupKFold
+VAL_DESIGNS = ("random", "earliest")
 
-    n_splits = max(2, round(1 / val_fraction))
+
+def train_val_split(
+    train: Split, val_fraction: float = 0.1, seed: int = 0, design: str = "random"
+) -> tuple[Split, Split]:
+    """Carve a validation set from train, grouped by patient.
+
+    `random`: patients drawn at random, stratified by class. `earliest`: a hold-out in time,
+    the first-numbered patients of each file-name series (IM-, NORMAL2-IM-, person...), up to
+    `val_fraction` of each series' images: the official test normals are the first patients of
+    their series (docs/experiments.md, section 9).
+    """
+    if design not in VAL_DESIGNS:
+        raise PneumoscanError(f"val_design {design!r}: choose one of {', '.join(VAL_DESIGNS)}")
     groups = [patient_id(f.name) for f in train.files]
-    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    train_idx, val_idx = next(folds.split(np.zeros(len(train)), train.labels, groups))
-    return train.subset(np.sort(train_idx)), train.subset(np.sort(val_idx))
+    if design == "earliest":
+        val_idx = _earliest_patients(groups, val_fraction)
+    else:
+        from sklearn.model_selection import StratifiedGroupKFold
+
+        n_splits = max(2, round(1 / val_fraction))
+        folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        val_idx = next(folds.split(np.zeros(len(train)), train.labels, groups))[1]
+    train_idx = np.setdiff1d(np.arange(len(train)), val_idx)
+    return train.subset(train_idx), train.subset(np.sort(val_idx))
+
+
+def _earliest_patients(groups: list[str], fraction: float) -> np.ndarray:
+    """Indices of the first-numbered patients of each series, about `fraction` of its images.
+
+    A series is a patient id with its numbers masked (IM-0115 -> IM-#); ids without a number
+    form one series, in name order. A patient is taken while that brings the count nearer the
+    target, so a series too small to spare one patient gives none.
+    """
+    series: dict[str, dict[tuple, list[int]]] = {}
+    for i, group in enumerate(groups):
+        numbers = tuple(int(n) for n in re.findall(r"\d+", group))
+        name = re.sub(r"\d+", "#", group) if numbers else ""
+        series.setdefault(name, {}).setdefault((numbers, group), []).append(i)
+    held: list[int] = []
+    for patients in series.values():
+        wanted, taken = fraction * sum(map(len, patients.values())), []
+        for key in sorted(patients):
+            if len(taken) + len(patients[key]) / 2 > wanted:
+                break
+            taken += patients[key]
+        held += taken
+    return np.asarray(held, dtype=np.int64)
 
 
 def cache_dir() -> Path:

@@ -49,6 +49,7 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.1
     split_seed: int = 0
+    val_design: str = "random"  # data.VAL_DESIGNS
     feature_views: int = 1
     max_steps: int | None = None
     augment: dict = field(default_factory=dict)
@@ -71,6 +72,10 @@ def load_config(model: str, path: Path | None = None, **overrides) -> TrainConfi
     values = yaml.safe_load(text) or {}
     values["model"] = model
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("val_design", "random") not in data.VAL_DESIGNS:
+        raise PneumoscanError(
+            f"--val-design {values['val_design']!r}: choose one of {', '.join(data.VAL_DESIGNS)}"
+        )
     try:
         return TrainConfig(**values)
     except TypeError as exc:
@@ -141,7 +146,9 @@ class _Data:
 def _prepare_data(root: Path, cfg: TrainConfig) -> _Data:
     listed = data.list_split(root, "train")
     images, kept = data.load_images(listed, cfg.image_size)
-    train_split, val_split = data.train_val_split(kept, cfg.val_fraction, cfg.split_seed)
+    train_split, val_split = data.train_val_split(
+        kept, cfg.val_fraction, cfg.split_seed, cfg.val_design
+    )
     position = {f: i for i, f in enumerate(kept.files)}
     return _Data(
         images=images,
@@ -467,21 +474,22 @@ def join_members(
     from pneumoscan.models import ensemble
 
     members = [bundle.load(f) for f in folders]
-    split_keys = ("image_size", "val_fraction", "split_seed")
+    # Configs saved before a field existed hold its default.
+    configs = [asdict(TrainConfig(**m.meta["training"]["config"])) for m in members]
+    split_keys = ("image_size", "val_fraction", "split_seed", "val_design")
     first = members[0]
-    for folder, m in zip(folders, members, strict=True):
-        config = m.meta["training"]["config"]
+    for folder, m, config in zip(folders, members, configs, strict=True):
         if m.meta["architecture"] == "mixture":
             raise PneumoscanError(f"{folder}: already a mixture; join its members instead")
         if (
-            any(config[k] != first.meta["training"]["config"][k] for k in split_keys)
+            any(config[k] != configs[0][k] for k in split_keys)
             or m.meta["data"]["fingerprint"] != first.meta["data"]["fingerprint"]
         ):
             raise PneumoscanError(
                 f"{folder}: trained on other data or another validation split than {folders[0]};"
                 " ensemble members must share them"
             )
-    recipes = [{**m.meta["training"]["config"], "seed": 0} for m in members]
+    recipes = [{**config, "seed": 0} for config in configs]
     seeds_only = all(r == recipes[0] for r in recipes) and "members" not in first.meta["model_args"]
     # The guard, calibration and thresholds are the joined model's own, fit below.
     meta = {k: v for k, v in first.meta.items() if k not in ("ood", "test")}
@@ -627,6 +635,7 @@ def _describe(cfg: TrainConfig, d: _Data, state: dict, device: torch.device, wal
             "n_val": len(d.val_idx),
             "val_fraction": cfg.val_fraction,
             "split_seed": cfg.split_seed,
+            "val_design": cfg.val_design,
             "grouped_by": "patient id from the file name",
         },
     }
