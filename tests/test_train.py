@@ -305,3 +305,20 @@ def test_one_call_trains_several_families_and_joins_them(small_data: Path, tmp_p
         train.train_ensemble(configs, [0, 1], small_data, tmp_path, log=_silent)
     single = train.train_ensemble(configs, [0], small_data, tmp_path / "one", log=_silent)
     assert single.description == "dense + cnn"  # one seed: each member a single model
+
+
+def test_mixup_and_label_smoothing_blend_inputs_targets_and_weights() -> None:
+    x = torch.stack([torch.full((1, 4, 4), float(v)) for v in (0.0, 1.0, 0.0, 1.0)])
+    y = torch.tensor([0, 1, 0, 1])
+    weight = torch.tensor([2.0, 1.0, 2.0, 1.0])
+    cfg = _quick("cnn", mixup=0.4, label_smoothing=0.1)
+    mixed, target, w = train._soft_targets(x, y, weight, cfg, torch.Generator().manual_seed(3))
+    share = mixed[:, 0, 0, 0]  # each input is its blend with a partner, so its value is a share
+    assert not torch.equal(mixed, x) and torch.all((share >= 0) & (share <= 1))
+    # Targets follow the inputs' blend exactly, then are pulled towards 1/2 by eps/2.
+    assert torch.allclose(target, share * 0.9 + 0.05)
+    assert torch.allclose(w, 2.0 - share)  # weights blend like the targets
+    again = train._soft_targets(x, y, weight, cfg, torch.Generator().manual_seed(3))
+    assert torch.equal(again[0], mixed)  # one generator, one draw: a resumed run repeats it
+    plain = train._soft_targets(x, y, weight, _quick("cnn"), torch.Generator())
+    assert plain[0] is x and torch.equal(plain[1], y.float()) and plain[2] is weight

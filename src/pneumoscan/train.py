@@ -51,6 +51,8 @@ class TrainConfig:
     split_seed: int = 0
     val_design: str = "random"  # data.VAL_DESIGNS
     feature_views: int = 1
+    mixup: float = 0.0  # Beta(a, a) blend of each batch with itself shuffled; 0 = off
+    label_smoothing: float = 0.0  # targets eps/2 and 1 - eps/2
     max_steps: int | None = None
     augment: dict = field(default_factory=dict)
     model_args: dict = field(default_factory=dict)
@@ -115,6 +117,29 @@ def augment(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> torch.Tensor:
         sigma = torch.rand(n, generator=gen) * cfg["noise"]
         x = x + torch.randn(x.shape, generator=gen).to(x) * sigma.to(x).view(-1, 1, 1, 1)
     return x.clamp_(0, 1)
+
+
+def _soft_targets(
+    x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, cfg: TrainConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch, its targets and class weights after mixup and label smoothing (if set).
+
+    Mixup blends each input with another of the batch, by a share drawn from Beta(a, a) (one
+    per batch, from `gen`, so a resumed run draws the same), and blends targets and weights
+    alike.
+    """
+    target = y.float()
+    if cfg.mixup > 0:
+        from scipy.special import betaincinv
+
+        share = float(betaincinv(cfg.mixup, cfg.mixup, torch.rand(1, generator=gen).item()))
+        other = torch.randperm(len(y), generator=gen).to(x.device)
+        x = share * x + (1 - share) * x[other]
+        target = share * target + (1 - share) * target[other]
+        weight = share * weight + (1 - share) * weight[other]
+    if cfg.label_smoothing > 0:
+        target = target * (1 - cfg.label_smoothing) + cfg.label_smoothing / 2
+    return x, target, weight
 
 
 def to_input(batch: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -340,11 +365,10 @@ def train(
             positions = batch[rank::world]  # this rank's share
             x = batch_input(positions)
             y = torch.from_numpy(train_labels[positions]).to(device)
+            x, target, weight = _soft_targets(x, y, class_weight[y], cfg, gen)
             with _autocast(device):
                 out = trained(x).reshape(-1)
-            loss = F.binary_cross_entropy_with_logits(
-                out.float(), y.float(), weight=class_weight[y]
-            )
+            loss = F.binary_cross_entropy_with_logits(out.float(), target, weight=weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -461,6 +485,18 @@ def train_ensemble(
     return join_members(folders, data_root, out_dir)
 
 
+def _config(meta: dict) -> dict:
+    """A model's training config; one saved before a field existed holds its default."""
+    return asdict(TrainConfig(**meta["training"]["config"]))
+
+
+def split_of(meta: dict) -> tuple:
+    """What fixes a model's validation images: its data, input size and split settings."""
+    config = _config(meta)
+    keys = ("image_size", "val_fraction", "split_seed", "val_design")
+    return (meta["data"]["fingerprint"], *(config[k] for k in keys))
+
+
 def join_members(
     folders: list[Path], data_root: Path, out_dir: Path, name: str | None = None
 ) -> bundle.LoadedModel:
@@ -474,22 +510,16 @@ def join_members(
     from pneumoscan.models import ensemble
 
     members = [bundle.load(f) for f in folders]
-    # Configs saved before a field existed hold its default.
-    configs = [asdict(TrainConfig(**m.meta["training"]["config"])) for m in members]
-    split_keys = ("image_size", "val_fraction", "split_seed", "val_design")
     first = members[0]
-    for folder, m, config in zip(folders, members, configs, strict=True):
+    for folder, m in zip(folders, members, strict=True):
         if m.meta["architecture"] == "mixture":
             raise PneumoscanError(f"{folder}: already a mixture; join its members instead")
-        if (
-            any(config[k] != configs[0][k] for k in split_keys)
-            or m.meta["data"]["fingerprint"] != first.meta["data"]["fingerprint"]
-        ):
+        if split_of(m.meta) != split_of(first.meta):
             raise PneumoscanError(
                 f"{folder}: trained on other data or another validation split than {folders[0]};"
                 " ensemble members must share them"
             )
-    recipes = [{**config, "seed": 0} for config in configs]
+    recipes = [{**_config(m.meta), "seed": 0} for m in members]
     seeds_only = all(r == recipes[0] for r in recipes) and "members" not in first.meta["model_args"]
     # The guard, calibration and thresholds are the joined model's own, fit below.
     meta = {k: v for k, v in first.meta.items() if k not in ("ood", "test")}
