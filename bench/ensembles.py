@@ -109,6 +109,8 @@ def main() -> None:
         scores[name] = (metrics.auc(labels, z), specificity_at_sensitivity(labels, z, 0.99))
         rows.append(_row(name, len(members), split, labels, *scores[name], args))
     for name, members in groups.items():
+        if len(members) < 2:  # one seed: no pairs of seeds, and no spread to report
+            continue
         aucs, specs = zip(*(scores[m] for m in members), strict=True)
         row = _row(
             f"{name} (mean of {len(members)})",
