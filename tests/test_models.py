@@ -91,3 +91,27 @@ def test_equalisation_gives_every_image_one_histogram_whatever_its_exposure(
         image = torch.from_numpy(reader.load(path, 128).copy()).float()[None, None] / 255
         deciles = torch.quantile(equalize(image).flatten(), torch.linspace(0.1, 0.9, 9))
         assert torch.allclose(deciles, torch.linspace(0.1, 0.9, 9), atol=0.03)
+
+
+def test_zoom_views_average_the_logits_of_zoomed_images_when_scoring() -> None:
+    from pneumoscan.models import ZoomViews
+
+    torch.manual_seed(0)
+    views = ZoomViews(64, (1.25,))
+    ramp = torch.linspace(0, 1, 64).expand(1, 1, 64, 64)  # brightness grows to the right
+    plain, zoomed_in, zoomed_out = views(ramp).split(1)
+    assert torch.equal(plain, ramp) and len(views) == 3
+    # Zooming in shows the middle of the ramp, wider: a smaller range; out adds edge pixels.
+    assert zoomed_in.min() > 0.05 and zoomed_in.max() < 0.95
+    assert torch.equal(zoomed_out[..., :5], zoomed_out[..., :1].expand(-1, -1, -1, 5))
+    network = create_model("cnn", 64, zoom_views=[1.25]).eval()
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        each = network.head(network.trunk(views(x))).view(3, 3)  # view-major
+        assert torch.allclose(network(x), each.mean(0))
+        assert not torch.allclose(network(x), each[0])
+        assert torch.allclose(network.head(network.trunk(x)).squeeze(1), each[0])
+        network.train()  # training sees the plain image only
+        assert network(x).shape == (3,)
+    joined = create_model("cnn", 64, members=2, zoom_views=[1.25])
+    assert joined.views is not None  # a seed ensemble keeps its views

@@ -294,6 +294,33 @@ def test_a_mixture_of_families_scores_the_mean_and_shares_the_guard_trunk(
         train.join_members([tmp_path / "mix", tiny_models["cnn"]], small_data, tmp_path / "x")
 
 
+def test_a_cnn_with_zoom_views_joins_exports_and_explains(
+    tiny_models: dict[str, Path], small_data: Path, tmp_path: Path, xray_files: list[Path]
+) -> None:
+    from pneumoscan import explain, reader, runtime
+
+    cfg = _quick("cnn", max_steps=4, model_args={"equalize": True, "zoom_views": [1.06]})
+    zoomed = train.train(cfg, small_data, tmp_path / "zoom", "cpu", log=_silent, progress=False)
+    assert zoomed.network.views is not None and len(zoomed.network.views) == 3
+    joined = train.join_members(
+        [tmp_path / "zoom", tiny_models["transfer"]], small_data, tmp_path / "mix"
+    )
+    loaded = bundle.load(tmp_path / "mix")
+    images = np.stack([reader.load(f, 128) for f in xray_files])
+    mean = np.mean(
+        [
+            bundle.load(f).raw_scores(images)[0]
+            for f in (tmp_path / "zoom", tiny_models["transfer"])
+        ],
+        axis=0,
+    )
+    assert np.allclose(joined.raw_scores(images)[0], mean, atol=1e-5)
+    onnx = runtime.load(tmp_path / "mix")
+    assert np.abs(onnx.probabilities(images) - loaded.probabilities(images)).max() < 1e-4
+    cam = explain.heatmap(loaded, images[0])  # the plain view's evidence
+    assert cam.shape == (128, 128) and cam.max() > 0
+
+
 def test_one_call_trains_several_families_and_joins_them(small_data: Path, tmp_path: Path) -> None:
     configs = [_quick("dense", max_steps=2), _quick("cnn", max_steps=2)]
     joined = train.train_ensemble(configs, [0, 1], small_data, tmp_path, log=_silent)

@@ -20,15 +20,24 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Classifier(nn.Module):
-    """A frozen trunk followed by a trainable head."""
+    """A frozen trunk followed by a trainable head.
 
-    def __init__(self, trunk: nn.Module, head: nn.Module):
+    With `views` (`ZoomViews`), scoring (eval mode) averages the logits of each image's zoomed
+    views: test-time augmentation. Training, and Grad-CAM (which calls trunk and head itself),
+    see the plain image.
+    """
+
+    def __init__(self, trunk: nn.Module, head: nn.Module, views: ZoomViews | None = None):
         super().__init__()
         self.trunk = trunk.eval()
         self.head = head
+        self.views = views
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(x)).squeeze(1)
+        if self.views is None or self.training:
+            return self.head(self.trunk(x)).squeeze(1)
+        logits = self.head(self.trunk(self.views(x)))
+        return logits.view(len(self.views), -1).mean(0)  # the views are stacked view-major
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen trunk's output (the guard's features, when they are the same) and logits."""
@@ -47,6 +56,35 @@ class Classifier(nn.Module):
         super().train(mode)
         self.trunk.eval()  # frozen BatchNorm statistics stay those of the pretrained base
         return self
+
+
+class ZoomViews(nn.Module):
+    """(N, 1, S, S) -> (V * N, 1, S, S): each image, then zoomed in and out by each factor.
+
+    Zooming resizes bilinearly about the centre, then crops, or pads with the edge pixels,
+    back to S: the training augmentation's own move, in ops that ONNX holds.
+    """
+
+    def __init__(self, image_size: int, zooms: tuple[float, ...]):
+        super().__init__()
+        self.sizes = [round(image_size * z) for z in zooms] + [round(image_size / z) for z in zooms]
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return 1 + len(self.sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.image_size
+        views = [x]
+        for size in self.sizes:
+            v = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+            lo, hi = abs(size - s) // 2, abs(size - s) - abs(size - s) // 2
+            if size > s:
+                v = v[:, :, lo : lo + s, lo : lo + s]
+            elif size < s:
+                v = F.pad(v, (lo, hi, lo, hi), mode="replicate")
+            views.append(v)
+        return torch.cat(views)
 
 
 class MeanOfHeads(nn.Module):
@@ -110,7 +148,7 @@ def ensemble(members: list[Classifier]) -> Classifier:
         other = member.trunk.state_dict()
         if other.keys() != trunk.keys() or any(not torch.equal(other[k], trunk[k]) for k in trunk):
             raise ValueError("ensemble members must share their frozen trunk")
-    return Classifier(members[0].trunk, MeanOfHeads([m.head for m in members]))
+    return Classifier(members[0].trunk, MeanOfHeads([m.head for m in members]), members[0].views)
 
 
 def equalize(x: torch.Tensor) -> torch.Tensor:
@@ -189,9 +227,13 @@ def cnn(
     dropout: float = 0.3,
     input_blur: float = 0.0,
     equalize: bool = False,
+    zoom_views: list[float] | None = None,
 ) -> Classifier:
-    """A small VGG-style network trained from scratch, sized for a CPU."""
-    del image_size  # global pooling makes the network size-agnostic
+    """A small VGG-style network trained from scratch, sized for a CPU.
+
+    `zoom_views` (e.g. [1.06]): score each image as the mean over it and its views zoomed in
+    and out by each factor (`ZoomViews`).
+    """
     layers: list[nn.Module] = [Standardize((0.5,), (0.25,), input_blur, equalize)]
     previous = 1
     for c in channels:
@@ -203,7 +245,8 @@ def cnn(
         ]
         previous = c
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(previous, 1)]
-    return Classifier(nn.Identity(), nn.Sequential(*layers))
+    views = ZoomViews(image_size, tuple(zoom_views)) if zoom_views else None
+    return Classifier(nn.Identity(), nn.Sequential(*layers), views)
 
 
 def transfer(
@@ -318,5 +361,5 @@ def create_model(name: str, image_size: int = 128, members=1, **kwargs) -> Class
             kwargs[key] = tuple(kwargs[key])
     if members > 1:  # the shape of a joined ensemble (see `ensemble`), for its saved weights
         built = [_FACTORIES[name](image_size, **kwargs) for _ in range(members)]
-        return Classifier(built[0].trunk, MeanOfHeads([b.head for b in built]))
+        return Classifier(built[0].trunk, MeanOfHeads([b.head for b in built]), built[0].views)
     return _FACTORIES[name](image_size, **kwargs)
