@@ -22,11 +22,10 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+import record
 import yaml
 
 from pneumoscan import bundle, data, metrics, train
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def specificity_at_sensitivity(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
@@ -128,10 +127,7 @@ def main() -> None:
         rows.append(row)
     for row in rows:
         print(json.dumps(row), flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    with (RESULTS / "cpu_ensembles.jsonl").open("a") as out:
-        for row in rows:
-            out.write(json.dumps(row) + "\n")
+    record.append("cpu_ensembles.jsonl", rows)
 
 
 def _row(name, members, split, labels, auc, spec, args) -> dict:

@@ -26,12 +26,11 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+import record
 import torch
 from torch import nn
 
 from pneumoscan import bundle, predict, runtime
-
-RESULTS = Path(__file__).parent / "results"
 
 
 class Peer(nn.Module):
@@ -163,10 +162,7 @@ def main() -> None:
         "machine": platform.machine(),
         "matmul_peak_gflops": round(peak, 1),
     }
-    RESULTS.mkdir(exist_ok=True)
-    with (RESULTS / "cpu_predict_speed.jsonl").open("a") as out:
-        for row in rows:
-            out.write(json.dumps({**context, **row}) + "\n")
+    record.append("cpu_predict_speed.jsonl", [{**context, **row} for row in rows])
     print(
         "\n| model | input | backend | images/s | p50 ms | p95 ms | GFLOP/image | x DenseNet-121 "
         "| % of matmul peak |\n|---|---|---|---:|---:|---:|---:|---:|---:|"

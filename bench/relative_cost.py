@@ -20,10 +20,9 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+import record
 
 from pneumoscan import data, runtime
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
@@ -76,10 +75,7 @@ def main() -> None:
             }
         )
         print(json.dumps(rows[-1]), flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    with (RESULTS / "cpu_relative_cost.jsonl").open("a") as out:
-        for row in rows:
-            out.write(json.dumps(row) + "\n")
+    record.append("cpu_relative_cost.jsonl", rows)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+import record
 import torch
 import torch.nn.functional as F
-from ensembles import RESULTS, specificity_at_sensitivity
+from ensembles import specificity_at_sensitivity
 
 from pneumoscan import bundle, data, metrics, runtime, train
 
@@ -110,10 +111,7 @@ def main() -> None:
             )
     for row in rows:
         print(json.dumps(row), flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    with (RESULTS / "cpu_tta.jsonl").open("a") as out:
-        for row in rows:
-            out.write(json.dumps(row) + "\n")
+    record.append("cpu_tta.jsonl", rows)
 
 
 if __name__ == "__main__":
