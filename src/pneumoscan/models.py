@@ -266,7 +266,9 @@ def transfer(
 
     del image_size
     if base not in IMAGENET_BASES:
-        raise ValueError(f"base {base!r}: choose one of {', '.join(IMAGENET_BASES)}")
+        raise PneumoscanError(
+            f"model_args base {base!r}: choose one of {', '.join(IMAGENET_BASES)}"
+        )
     net = timm.create_model(f"efficientnet_{base}", pretrained=False, num_classes=0)
     if pretrained:
         load_imagenet_weights(net, base)
