@@ -34,6 +34,16 @@ def specificity_at_sensitivity(labels: np.ndarray, scores: np.ndarray, target: f
     return float(np.mean(scores[labels == 0] < threshold))
 
 
+def scored_split(root: Path, meta: dict, test: bool) -> tuple[np.ndarray, np.ndarray, str]:
+    """Images, labels and name of what a model is judged on: its own validation split, or test."""
+    cfg = train.TrainConfig(**meta["training"]["config"])
+    if test:
+        images, kept = data.load_images(data.list_split(root, "test"), cfg.image_size)
+        return np.asarray(images), kept.labels, "test"
+    d = train._prepare_data(root, cfg)
+    return np.asarray(d.images[d.val_idx]), d.labels[d.val_idx], "validation"
+
+
 def recipe(family: str, seed: int, changes: list[str]) -> train.TrainConfig:
     cfg = train.load_config(family, seed=seed)
     for change in changes:
@@ -76,15 +86,7 @@ def main() -> None:
         models[f"{label}-s{seed}"] = bundle.load(folder)
 
     reference = next(iter(models.values()))
-    cfg = train.TrainConfig(**reference.meta["training"]["config"])
-    if args.test:
-        listed = data.list_split(args.data, "test")
-        images, kept = data.load_images(listed, cfg.image_size)
-        labels, split = kept.labels, "test"
-    else:
-        d = train._prepare_data(args.data, cfg)
-        images, labels, split = d.images[d.val_idx], d.labels[d.val_idx], "validation"
-    images = np.asarray(images)
+    images, labels, split = scored_split(args.data, reference.meta, args.test)
     logits = {name: model.raw_scores(images)[0] for name, model in models.items()}
 
     candidates = {name: [name] for name in logits}

@@ -22,9 +22,9 @@ import numpy as np
 import record
 import torch
 import torch.nn.functional as F
-from ensembles import specificity_at_sensitivity
+from ensembles import scored_split, specificity_at_sensitivity
 
-from pneumoscan import bundle, data, metrics, runtime, train
+from pneumoscan import bundle, metrics, runtime, train
 
 SHIFT = 0.04 * 2  # affine_grid's units: the image spans [-1, 1]
 VIEWS = {
@@ -56,25 +56,16 @@ def main() -> None:
     cards = {f: bundle.read_card(f) for fs in families.values() for f in fs}
     if len({train.split_of(c.meta) for c in cards.values()}) > 1:
         parser.error("the models were trained on different validation splits")
-    cfg = train.TrainConfig(**next(iter(cards.values())).meta["training"]["config"])
-    if args.test:
-        images, kept = data.load_images(data.list_split(args.data, "test"), cfg.image_size)
-        labels, split = kept.labels, "test"
-    else:
-        d = train._prepare_data(args.data, cfg)
-        images, labels, split = d.images[d.val_idx], d.labels[d.val_idx], "validation"
-    x = torch.from_numpy(np.asarray(images, dtype=np.float32)[:, None] / 255.0)
+    images, labels, split = scored_split(args.data, next(iter(cards.values())).meta, args.test)
+    x = torch.from_numpy(images.astype(np.float32)[:, None] / 255.0)
 
     logits = {}  # (folder, view set) -> logits
     for folder in cards:
         model = runtime.load(folder)
-        per_view = {}
-        for views in VIEWS.values():
-            for v in views:
-                if v not in per_view:
-                    per_view[v] = np.concatenate(
-                        [model.run(view(x[i : i + 64], *v))[0] for i in range(0, len(x), 64)]
-                    )
+        per_view = {  # each distinct view scored once, whichever view sets share it
+            v: np.concatenate([model.run(view(x[i : i + 64], *v))[0] for i in range(0, len(x), 64)])
+            for v in {v for views in VIEWS.values() for v in views}
+        }
         for name, views in VIEWS.items():
             logits[folder, name] = np.mean([per_view[v] for v in views], axis=0)
 

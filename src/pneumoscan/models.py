@@ -80,7 +80,8 @@ class ZoomViews(nn.Module):
         views = [x]
         for size in self.sizes:
             v = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-            lo, hi = abs(size - s) // 2, abs(size - s) - abs(size - s) // 2
+            gap = abs(size - s)
+            lo, hi = gap // 2, gap - gap // 2
             if size > s:
                 v = v[:, :, lo : lo + s, lo : lo + s]
             elif size < s:
