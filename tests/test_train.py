@@ -61,8 +61,11 @@ class _Interrupt(Exception):
     pass
 
 
-def test_an_interrupted_run_resumes_to_the_same_weights(small_data: Path, tmp_path: Path) -> None:
-    cfg = _quick("dense", epochs=3, seed=1, patience=10)
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_an_interrupted_run_resumes_to_the_same_weights(
+    small_data: Path, tmp_path: Path, ema: float
+) -> None:
+    cfg = _quick("dense", epochs=3, seed=1, patience=10, ema=ema)
     train.train(cfg, small_data, tmp_path / "straight", "cpu", log=_silent, progress=False)
 
     def crash_after_first_epoch(line: str) -> None:
@@ -349,3 +352,46 @@ def test_mixup_and_label_smoothing_blend_inputs_targets_and_weights() -> None:
     assert torch.equal(again[0], mixed)  # one generator, one draw: a resumed run repeats it
     plain = train._soft_targets(x, y, weight, _quick("cnn"), torch.Generator())
     assert plain[0] is x and torch.equal(plain[1], y.float()) and plain[2] is weight
+
+
+def test_layer_wise_rates_fall_by_the_decay_from_the_output_down() -> None:
+    from pneumoscan.models import create_model
+
+    network = create_model("transfer", 128, trainable_blocks=7, pretrained=False)
+    groups = train.layer_groups(network, 1e-3, 0.5)
+    # the seven stages, conv_head with its BatchNorm, the new linear layer
+    assert len(groups) == 9
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3 * 0.5**k for k in range(8, -1, -1)])
+    assert groups[-1]["params"] == list(network.head[-1].parameters())
+    assert groups[-2]["params"] == [*network.head[7].parameters(), *network.head[8].parameters()]
+    grouped = [id(p) for g in groups for p in g["params"]]
+    trainable = [id(p) for p in network.parameters() if p.requires_grad]
+    assert sorted(grouped) == sorted(trainable) and len(set(grouped)) == len(grouped)
+    assert {g["lr"] for g in train.layer_groups(network, 1e-3, 1.0)} == {1e-3}
+
+
+def test_full_fine_tuning_on_fresh_augmentations_with_ema(
+    small_data: Path, tmp_path: Path
+) -> None:
+    """No feature cache: every stage of the base trains, the stem stays ImageNet's, and the
+    weights kept are the moving average, not the last step's."""
+    cfg = _quick(
+        "transfer",
+        max_steps=3,
+        feature_views=0,
+        lr_decay=0.5,
+        ema=0.5,
+        model_args={"trainable_blocks": 7, "dropout": 0.2, "input_blur": 1.0},
+    )
+    lines: list[str] = []
+    model = train.train(cfg, small_data, tmp_path / "ft", "cpu", log=lines.append, progress=False)
+    assert not any("cached" in line for line in lines)
+    fresh = train.create_model("transfer", 128, trainable_blocks=7)
+    kept = model.network
+    assert torch.equal(kept.trunk[1].weight, fresh.trunk[1].weight)  # the frozen stem
+    assert not torch.equal(kept.head[0][0].conv_dw.weight, fresh.head[0][0].conv_dw.weight)
+    assert model.meta["training"]["epochs_run"] == 1
+    ckpt = train._load_checkpoint(tmp_path / "ft" / train.CHECKPOINT_FILE, cfg, 1)
+    name = "head.12.weight"  # the new linear layer
+    assert torch.equal(kept.state_dict()[name], ckpt["ema"][f"module.{name}"])
+    assert not torch.equal(kept.state_dict()[name], ckpt["model"][name])

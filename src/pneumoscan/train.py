@@ -50,7 +50,9 @@ class TrainConfig:
     val_fraction: float = 0.1
     split_seed: int = 0
     val_design: str = "random"  # data.VAL_DESIGNS
-    feature_views: int = 1
+    feature_views: int = 1  # 0: no cache; the frozen trunk sees fresh augmentations each step
+    lr_decay: float = 1.0  # layer-wise rates: layer k down from the output gets lr * lr_decay^k
+    ema: float = 0.0  # decay of an exponential moving average of the weights; 0 = off
     mixup: float = 0.0  # Beta(a, a) blend of each batch with itself shuffled; 0 = off
     label_smoothing: float = 0.0  # targets eps/2 and 1 - eps/2
     max_steps: int | None = None
@@ -200,6 +202,41 @@ def _trunk_features(trunk, images, idx, device, batch_size, cfg=None, gen=None) 
     return torch.cat(out)
 
 
+def layer_groups(network: torch.nn.Module, lr: float, decay: float) -> list[dict]:
+    """The optimizer's parameter groups: layer-wise learning rates, highest at the output.
+
+    Each trained child of the network's head (for `transfer`: the base's top stages, its
+    conv_head, the new linear layer) is a layer; a BatchNorm goes with the layer before it.
+    Counting from the output, layer k learns at lr * decay**k; decay 1 is one rate for all.
+    """
+    layers: list[list[torch.nn.Parameter]] = []
+    for child in network.head.children():
+        params = [p for p in child.parameters() if p.requires_grad]
+        if not params:
+            continue
+        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm) and layers:
+            layers[-1] += params
+        else:
+            layers.append(params)
+    return [
+        {"params": params, "lr": lr * decay ** (len(layers) - 1 - k)}
+        for k, params in enumerate(layers)
+    ]
+
+
+def _averaged(network: torch.nn.Module, decay: float) -> torch.nn.Module:
+    """An EMA copy of the network (weights and BatchNorm statistics), or the network itself."""
+    if not decay:
+        return network
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
+    return getattr(net, "module", net)
+
+
 def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -251,8 +288,9 @@ def train(
 
     network = create_model(cfg.model, cfg.image_size, **cfg.model_args)
     network = network.to(device).to(memory_format=torch.channels_last)
-    trainable = [p for p in network.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        layer_groups(network, cfg.lr, cfg.lr_decay), weight_decay=cfg.weight_decay
+    )
     steps_per_epoch = math.ceil(len(d.train_idx) / cfg.batch_size)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
@@ -277,7 +315,7 @@ def train(
 
     # Frozen trunk: its outputs are computed once per image (and per augmented view).
     features = val_features = None
-    if network.has_frozen_trunk:
+    if network.has_frozen_trunk and cfg.feature_views > 0:
         t0 = time.perf_counter()
         view_gen = torch.Generator().manual_seed(cfg.seed + 1)
         features = torch.stack(
@@ -322,6 +360,9 @@ def train(
         state = {k: ckpt[k] for k in state}
         log(f"resumed from {checkpoint_path} after epoch {state['epoch']}")
     trained = network.head if features is not None else network
+    averaged = _averaged(network, cfg.ema)  # what is validated and kept, when EMA is on
+    if resume and averaged is not network:
+        averaged.load_state_dict(ckpt["ema"])
     if world > 1:
         trained = torch.nn.parallel.DistributedDataParallel(trained)
 
@@ -333,14 +374,15 @@ def train(
         return augment(x, cfg.augment, gen)
 
     def validate() -> tuple[float, float]:
-        network.eval()
+        net = _unwrap(averaged)
+        net.eval()
         logits = []
         with torch.no_grad(), _autocast(device):
             for start in range(0, len(d.val_idx), cfg.batch_size * 4):
                 if val_features is not None:
-                    out = network.head(val_features[start : start + cfg.batch_size * 4].float())
+                    out = net.head(val_features[start : start + cfg.batch_size * 4].float())
                 else:
-                    out = network(
+                    out = net(
                         to_input(d.images[d.val_idx[start : start + cfg.batch_size * 4]], device)
                     )
                 logits.append(out.float().reshape(-1).cpu())
@@ -373,6 +415,8 @@ def train(
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if averaged is not network:
+                averaged.update_parameters(network)
             state["step"] += 1
             running += loss.item() * len(positions)
             seen += len(positions)
@@ -389,7 +433,9 @@ def train(
             state.update(
                 best_auc=val_auc,
                 best_epoch=epoch,
-                best_state={k: v.detach().cpu().clone() for k, v in network.state_dict().items()},
+                best_state={
+                    k: v.detach().cpu().clone() for k, v in _unwrap(averaged).state_dict().items()
+                },
             )
         state["epoch"] = epoch
         state["history"].append(
@@ -398,7 +444,7 @@ def train(
                 "train_loss": running / max(seen, 1),
                 "val_loss": val_loss,
                 "val_auc": val_auc,
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": optimizer.param_groups[-1]["lr"],  # the output layer's
             }
         )
         log(
@@ -411,6 +457,8 @@ def train(
             dist.all_gather_object(gen_states, gen.get_state())
         if main:
             rngs = {"gen_states": gen_states, "order_gen_state": order_gen.get_state()}
+            if averaged is not network:
+                rngs["ema"] = averaged.state_dict()
             _save_checkpoint(checkpoint_path, network, optimizer, scheduler, rngs, state, cfg)
         if epoch - state["best_epoch"] >= cfg.patience:
             log(f"early stop: no validation AUC gain for {cfg.patience} epochs")
