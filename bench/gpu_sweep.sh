@@ -49,8 +49,10 @@ keep() {  # a variant's seed-0 model, without its checkpoint and ONNX graph
 }
 
 # Most telling first: a command that runs out of time still returns what finished.
-variant ft05 "${full[@]}" --set lr_decay=0.5 && keep ft05
-variant shipped
-variant ft07 "${full[@]}" --set lr_decay=0.7 && keep ft07
-variant ema --set ema=0.995
+# $VARIANTS (e.g. "ema ft07") runs only those.
+wanted() { [[ -z ${VARIANTS:-} || " $VARIANTS " == *" $1 "* ]]; }
+wanted ft05 && variant ft05 "${full[@]}" --set lr_decay=0.5 && keep ft05
+wanted shipped && variant shipped
+wanted ft07 && variant ft07 "${full[@]}" --set lr_decay=0.7 && keep ft07
+wanted ema && variant ema --set ema=0.995
 echo "=== done" | tee -a "$out/sweep.log"
