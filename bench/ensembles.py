@@ -9,6 +9,7 @@ logits; pairs of seeds and pairs across families also as mean and sd over seeds)
 validation images carved from train: AUC, and specificity at the highest threshold that keeps
 validation sensitivity >= 0.99 (how many normals a near-complete detection spares). With --test
 it scores the same candidates on the test split: for the report of a recipe already chosen.
+Each model is scored on the images at its own input size, so pairs may cross sizes.
 `--set KEY=VALUE` changes the bundled recipe (dotted keys reach into dicts) for a variant's
 study: give each variant its own RUNS folder.
 """
@@ -85,9 +86,18 @@ def main() -> None:
             train.train(cfg, args.data, folder, args.device, log=print, progress=False)
         models[f"{label}-s{seed}"] = bundle.load(folder)
 
-    reference = next(iter(models.values()))
-    images, labels, split = scored_split(args.data, reference.meta, args.test)
-    logits = {name: model.raw_scores(images)[0] for name, model in models.items()}
+    scored = {}  # input size -> (images, labels, split name): each model sees its own size
+
+    def logits_of(model: bundle.LoadedModel) -> np.ndarray:
+        size = model.meta["input_size"]
+        if size not in scored:
+            scored[size] = scored_split(args.data, model.meta, args.test)
+        return model.raw_scores(scored[size][0])[0]
+
+    logits = {name: logits_of(model) for name, model in models.items()}
+    (_, labels, split), *others = scored.values()
+    if any(not np.array_equal(labels, other[1]) for other in others):
+        raise SystemExit("the models' input sizes give different images to score")
 
     candidates = {name: [name] for name in logits}
     groups = {}  # candidates summarised together: mean and sd
