@@ -370,9 +370,7 @@ def test_layer_wise_rates_fall_by_the_decay_from_the_output_down() -> None:
     assert {g["lr"] for g in train.layer_groups(network, 1e-3, 1.0)} == {1e-3}
 
 
-def test_full_fine_tuning_on_fresh_augmentations_with_ema(
-    small_data: Path, tmp_path: Path
-) -> None:
+def test_full_fine_tuning_on_fresh_augmentations_with_ema(small_data: Path, tmp_path: Path) -> None:
     """No feature cache: every stage of the base trains, the stem stays ImageNet's, and the
     weights kept are the moving average, not the last step's."""
     cfg = _quick(

@@ -233,10 +233,6 @@ def _averaged(network: torch.nn.Module, decay: float) -> torch.nn.Module:
     return AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
-def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
-    return getattr(net, "module", net)
-
-
 def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -360,7 +356,8 @@ def train(
         state = {k: ckpt[k] for k in state}
         log(f"resumed from {checkpoint_path} after epoch {state['epoch']}")
     trained = network.head if features is not None else network
-    averaged = _averaged(network, cfg.ema)  # what is validated and kept, when EMA is on
+    averaged = _averaged(network, cfg.ema)
+    kept = getattr(averaged, "module", network)  # what is validated and kept
     if resume and averaged is not network:
         averaged.load_state_dict(ckpt["ema"])
     if world > 1:
@@ -374,15 +371,14 @@ def train(
         return augment(x, cfg.augment, gen)
 
     def validate() -> tuple[float, float]:
-        net = _unwrap(averaged)
-        net.eval()
+        kept.eval()
         logits = []
         with torch.no_grad(), _autocast(device):
             for start in range(0, len(d.val_idx), cfg.batch_size * 4):
                 if val_features is not None:
-                    out = net.head(val_features[start : start + cfg.batch_size * 4].float())
+                    out = kept.head(val_features[start : start + cfg.batch_size * 4].float())
                 else:
-                    out = net(
+                    out = kept(
                         to_input(d.images[d.val_idx[start : start + cfg.batch_size * 4]], device)
                     )
                 logits.append(out.float().reshape(-1).cpu())
@@ -433,9 +429,7 @@ def train(
             state.update(
                 best_auc=val_auc,
                 best_epoch=epoch,
-                best_state={
-                    k: v.detach().cpu().clone() for k, v in _unwrap(averaged).state_dict().items()
-                },
+                best_state={k: v.detach().cpu().clone() for k, v in kept.state_dict().items()},
             )
         state["epoch"] = epoch
         state["history"].append(
@@ -456,10 +450,10 @@ def train(
             gen_states = [None] * world
             dist.all_gather_object(gen_states, gen.get_state())
         if main:
-            rngs = {"gen_states": gen_states, "order_gen_state": order_gen.get_state()}
+            extra = {"gen_states": gen_states, "order_gen_state": order_gen.get_state()}
             if averaged is not network:
-                rngs["ema"] = averaged.state_dict()
-            _save_checkpoint(checkpoint_path, network, optimizer, scheduler, rngs, state, cfg)
+                extra["ema"] = averaged.state_dict()
+            _save_checkpoint(checkpoint_path, network, optimizer, scheduler, extra, state, cfg)
         if epoch - state["best_epoch"] >= cfg.patience:
             log(f"early stop: no validation AUC gain for {cfg.patience} epochs")
             break
@@ -755,7 +749,7 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, world: int) -> dict:
     return ckpt
 
 
-def _save_checkpoint(path: Path, network, optimizer, scheduler, rngs, state, cfg) -> None:
+def _save_checkpoint(path: Path, network, optimizer, scheduler, extra, state, cfg) -> None:
     """Write the run's state atomically (temporary file, then rename), with its checksum."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -764,7 +758,7 @@ def _save_checkpoint(path: Path, network, optimizer, scheduler, rngs, state, cfg
         "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "config": asdict(cfg),
-        **rngs,
+        **extra,  # generator states; the EMA weights, when on
         **state,
     }
     buffer = io.BytesIO()
