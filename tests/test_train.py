@@ -102,9 +102,17 @@ def test_an_existing_model_is_not_overwritten_without_force(
         )
 
 
-def test_config_errors_are_clear() -> None:
+def test_config_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(PneumoscanError, match="dense, cnn, transfer"):
         train.load_config("vgg")
+    config = tmp_path / "mine.yaml"
+    config.write_text("epochs: 3\nemma: 0.99\n")
+    with pytest.raises(PneumoscanError, match=r"--config .*mine.yaml: unknown key\(s\) emma; kn"):
+        train.load_config("cnn", config)
+    with pytest.raises(PneumoscanError, match="lr_decay must be in"):
+        train.load_config("transfer", lr_decay=0)
+    with pytest.raises(PneumoscanError, match="ema must be in"):
+        train.load_config("transfer", ema=1.0)
     cfg = train.load_config("transfer", epochs=2, image_size=224)
     assert cfg.epochs == 2 and cfg.image_size == 224 and cfg.model_args["trainable_blocks"] == 2
 

@@ -17,7 +17,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 
@@ -80,10 +80,18 @@ def load_config(model: str, path: Path | None = None, **overrides) -> TrainConfi
         raise PneumoscanError(
             f"--val-design {values['val_design']!r}: choose one of {', '.join(data.VAL_DESIGNS)}"
         )
-    try:
-        return TrainConfig(**values)
-    except TypeError as exc:
-        raise PneumoscanError(f"config for {model}: {exc}") from None
+    source = f"--config {path}" if path is not None else f"config for {model}"
+    known = [f.name for f in fields(TrainConfig)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise PneumoscanError(
+            f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(known)}"
+        )
+    if not 0 < float(values.get("lr_decay", 1.0)) <= 1:
+        raise PneumoscanError(f"{source}: lr_decay must be in (0, 1] (1: one rate for all)")
+    if not 0 <= float(values.get("ema", 0.0)) < 1:
+        raise PneumoscanError(f"{source}: ema must be in [0, 1) (0: off; e.g. 0.995)")
+    return TrainConfig(**values)
 
 
 def augment(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> torch.Tensor:
