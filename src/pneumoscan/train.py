@@ -232,10 +232,10 @@ def layer_groups(network: torch.nn.Module, lr: float, decay: float) -> list[dict
     ]
 
 
-def _averaged(network: torch.nn.Module, decay: float) -> torch.nn.Module:
-    """An EMA copy of the network (weights and BatchNorm statistics), or the network itself."""
+def _averaged(network: torch.nn.Module, decay: float) -> torch.nn.Module | None:
+    """An EMA copy of the network (weights and BatchNorm statistics); None when decay is 0."""
     if not decay:
-        return network
+        return None
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     return AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
@@ -364,10 +364,10 @@ def train(
         state = {k: ckpt[k] for k in state}
         log(f"resumed from {checkpoint_path} after epoch {state['epoch']}")
     trained = network.head if features is not None else network
-    averaged = _averaged(network, cfg.ema)
-    kept = getattr(averaged, "module", network)  # what is validated and kept
-    if resume and averaged is not network:
-        averaged.load_state_dict(ckpt["ema"])
+    ema = _averaged(network, cfg.ema)
+    kept = network if ema is None else ema.module  # what is validated and kept
+    if resume and ema is not None:
+        ema.load_state_dict(ckpt["ema"])
     if world > 1:
         trained = torch.nn.parallel.DistributedDataParallel(trained)
 
@@ -419,8 +419,8 @@ def train(
             loss.backward()
             optimizer.step()
             scheduler.step()
-            if averaged is not network:
-                averaged.update_parameters(network)
+            if ema is not None:
+                ema.update_parameters(network)
             state["step"] += 1
             running += loss.item() * len(positions)
             seen += len(positions)
@@ -459,8 +459,8 @@ def train(
             dist.all_gather_object(gen_states, gen.get_state())
         if main:
             extra = {"gen_states": gen_states, "order_gen_state": order_gen.get_state()}
-            if averaged is not network:
-                extra["ema"] = averaged.state_dict()
+            if ema is not None:
+                extra["ema"] = ema.state_dict()
             _save_checkpoint(checkpoint_path, network, optimizer, scheduler, extra, state, cfg)
         if epoch - state["best_epoch"] >= cfg.patience:
             log(f"early stop: no validation AUC gain for {cfg.patience} epochs")
