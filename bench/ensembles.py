@@ -11,7 +11,9 @@ validation sensitivity >= 0.99 (how many normals a near-complete detection spare
 it scores the same candidates on the test split: for the report of a recipe already chosen.
 Each model is scored on the images at its own input size, so pairs may cross sizes.
 `--set KEY=VALUE` changes the bundled recipe (dotted keys reach into dicts) for a variant's
-study: give each variant its own RUNS folder.
+study: give each variant its own RUNS folder. `--aspect 0.8,0.9,1.1,1.25` scores the images
+once as they are and once per ratio with the anatomy made that much taller than wide (at the
+same area, as every frame was squashed to a square from its own aspect ratio: section 17).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import record
+import torch
+import torch.nn.functional as F
 import yaml
 
 from pneumoscan import bundle, data, metrics, train
@@ -43,6 +47,18 @@ def scored_split(root: Path, meta: dict, test: bool) -> tuple[np.ndarray, np.nda
         return np.asarray(images), kept.labels, "test"
     d = train._prepare_data(root, cfg)
     return np.asarray(d.images[d.val_idx]), d.labels[d.val_idx], "validation"
+
+
+def with_aspects(images: np.ndarray, ratios: list[float]) -> np.ndarray:
+    """The images, then a copy per ratio r with the anatomy r times taller than wide."""
+    x = torch.from_numpy(images).float()[:, None]
+    views = [images]
+    for r in ratios:
+        theta = torch.tensor([[r**0.5, 0, 0], [0, r**-0.5, 0]]).expand(len(x), 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        warped = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+        views.append(warped[:, 0].round().clamp(0, 255).to(torch.uint8).numpy())
+    return np.concatenate(views)
 
 
 def recipe(family: str, seed: int, changes: list[str]) -> train.TrainConfig:
@@ -70,7 +86,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--test", action="store_true", help="score on test (a chosen recipe)")
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE recipe change")
+    parser.add_argument("--aspect", default="", help="ratios, e.g. 0.8,0.9,1.1,1.25 (section 17)")
     args = parser.parse_args()
+    ratios = [float(r) for r in args.aspect.split(",") if r]
 
     seeds = [int(s) for s in args.seeds.split(",")]
     families = {}  # label -> (family, folder of its runs)
@@ -91,7 +109,11 @@ def main() -> None:
     def logits_of(model: bundle.LoadedModel) -> np.ndarray:
         size = model.meta["input_size"]
         if size not in scored:
-            scored[size] = scored_split(args.data, model.meta, args.test)
+            images, labels, split = scored_split(args.data, model.meta, args.test)
+            if ratios:
+                images, labels = with_aspects(images, ratios), np.tile(labels, len(ratios) + 1)
+                split += f" with aspects {args.aspect}"
+            scored[size] = images, labels, split
         return model.raw_scores(scored[size][0])[0]
 
     logits = {name: logits_of(model) for name, model in models.items()}

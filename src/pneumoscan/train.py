@@ -95,9 +95,12 @@ def load_config(model: str, path: Path | None = None, **overrides) -> TrainConfi
 
 
 def augment(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> torch.Tensor:
-    """Random small rotation, shift, scale, brightness, contrast, sharpness and noise, per image.
+    """Random small rotation, shift, scale, aspect, brightness, contrast, sharpness and noise.
 
     No left-right flip: the heart sits on the left, and a mirrored chest is not a real X-ray.
+    `aspect` (a) makes the anatomy taller and narrower, or shorter and wider, by a ratio up to
+    1 + a at the same area: every frame was squashed to a square from its own aspect ratio,
+    which differs between the classes' sources (docs/experiments.md, section 17).
     Sharpness (a blend towards or away from a blurred copy) and faint noise stand for the
     scanners, resamplings and re-encodings an image meets before it reaches the model.
     """
@@ -113,8 +116,14 @@ def augment(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> torch.Tensor:
     tx, ty = uniform(cfg.get("translate", 0.0)), uniform(cfg.get("translate", 0.0))
     brightness = uniform(cfg.get("brightness", 0.0))
     contrast = 1 + uniform(cfg.get("contrast", 0.0))
+    root = torch.ones(n)  # the square root of the anatomy's change of height/width
+    if cfg.get("aspect"):  # drawn only when set: recipes without it keep their random draws
+        root = torch.exp(uniform(math.log1p(cfg["aspect"])) / 2)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([cos * root, -sin * root, tx], 1), torch.stack([sin / root, cos / root, ty], 1)],
+        1,
+    )
     theta = theta.to(x.device, x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
