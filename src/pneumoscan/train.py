@@ -121,7 +121,10 @@ def augment(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> torch.Tensor:
         root = torch.exp(uniform(math.log1p(cfg["aspect"])) / 2)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack(
-        [torch.stack([cos * root, -sin * root, tx], 1), torch.stack([sin / root, cos / root, ty], 1)],
+        [
+            torch.stack([cos * root, -sin * root, tx], 1),
+            torch.stack([sin / root, cos / root, ty], 1),
+        ],
         1,
     )
     theta = theta.to(x.device, x.dtype)
