@@ -13,7 +13,8 @@ Each model is scored on the images at its own input size, so pairs may cross siz
 `--set KEY=VALUE` changes the bundled recipe (dotted keys reach into dicts) for a variant's
 study: give each variant its own RUNS folder. `--aspect 0.8,0.9,1.1,1.25` scores the images
 once as they are and once per ratio with the anatomy made that much taller than wide (at the
-same area, as every frame was squashed to a square from its own aspect ratio: section 17).
+same area, as every frame was squashed to a square from its own aspect ratio: section 17);
+`--zoom 0.8,0.9,1.1,1.25` adds a copy per zoom (a tighter or looser frame: section 18).
 """
 
 from __future__ import annotations
@@ -49,12 +50,18 @@ def scored_split(root: Path, meta: dict, test: bool) -> tuple[np.ndarray, np.nda
     return np.asarray(d.images[d.val_idx]), d.labels[d.val_idx], "validation"
 
 
-def with_aspects(images: np.ndarray, ratios: list[float]) -> np.ndarray:
-    """The images, then a copy per ratio r with the anatomy r times taller than wide."""
+def framings(aspects: list[float], zooms: list[float]) -> list[tuple[float, float]]:
+    """Content scale factors (width, height): each aspect ratio r makes the anatomy r times
+    taller than wide at the same area; each zoom z scales it z times (> 1 crops the frame)."""
+    return [(r**-0.5, r**0.5) for r in aspects] + [(z, z) for z in zooms]
+
+
+def reframed(images: np.ndarray, scales: list[tuple[float, float]]) -> np.ndarray:
+    """The images, then a copy per (width, height) scale of the content, edges replicated."""
     x = torch.from_numpy(images).float()[:, None]
     views = [images]
-    for r in ratios:
-        theta = torch.tensor([[r**0.5, 0, 0], [0, r**-0.5, 0]]).expand(len(x), 2, 3)
+    for sx, sy in scales:
+        theta = torch.tensor([[1 / sx, 0, 0], [0, 1 / sy, 0]]).expand(len(x), 2, 3)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         warped = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
         views.append(warped[:, 0].round().clamp(0, 255).to(torch.uint8).numpy())
@@ -87,8 +94,12 @@ def main() -> None:
     parser.add_argument("--test", action="store_true", help="score on test (a chosen recipe)")
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE recipe change")
     parser.add_argument("--aspect", default="", help="ratios, e.g. 0.8,0.9,1.1,1.25 (section 17)")
+    parser.add_argument("--zoom", default="", help="zooms, e.g. 0.8,0.9,1.1,1.25 (section 18)")
     args = parser.parse_args()
-    ratios = [float(r) for r in args.aspect.split(",") if r]
+    scales = framings(
+        [float(r) for r in args.aspect.split(",") if r],
+        [float(z) for z in args.zoom.split(",") if z],
+    )
 
     seeds = [int(s) for s in args.seeds.split(",")]
     families = {}  # label -> (family, folder of its runs)
@@ -110,9 +121,9 @@ def main() -> None:
         size = model.meta["input_size"]
         if size not in scored:
             images, labels, split = scored_split(args.data, model.meta, args.test)
-            if ratios:
-                images, labels = with_aspects(images, ratios), np.tile(labels, len(ratios) + 1)
-                split += f" with aspects {args.aspect}"
+            if scales:
+                images, labels = reframed(images, scales), np.tile(labels, len(scales) + 1)
+                split += f" reframed: aspects {args.aspect or '-'}, zooms {args.zoom or '-'}"
             scored[size] = images, labels, split
         return model.raw_scores(scored[size][0])[0]
 
