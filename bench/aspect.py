@@ -37,7 +37,7 @@ def main() -> None:
     print("|---:|---:|---:|")
     for r in (float(r) for r in args.ratios.split(",")):
         scales = framings([], [r]) if args.zoom else framings([r], [])
-        warped = images if r == 1 else reframed(images, scales)[len(images) :]
+        warped = images if r == 1 else reframed(images, scales)
         z = model.raw_scores(warped)[0]
         print(f"| {r:g} | {np.median(z[labels == 0]):.2f} | {np.median(z[labels == 1]):.2f} |")
 

@@ -57,9 +57,9 @@ def framings(aspects: list[float], zooms: list[float]) -> list[tuple[float, floa
 
 
 def reframed(images: np.ndarray, scales: list[tuple[float, float]]) -> np.ndarray:
-    """The images, then a copy per (width, height) scale of the content, edges replicated."""
+    """A copy of the images per (width, height) scale of the content, edges replicated."""
     x = torch.from_numpy(images).float()[:, None]
-    views = [images]
+    views = []
     for sx, sy in scales:
         theta = torch.tensor([[1 / sx, 0, 0], [0, 1 / sy, 0]]).expand(len(x), 2, 3)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
@@ -122,7 +122,8 @@ def main() -> None:
         if size not in scored:
             images, labels, split = scored_split(args.data, model.meta, args.test)
             if scales:
-                images, labels = reframed(images, scales), np.tile(labels, len(scales) + 1)
+                images = np.concatenate([images, reframed(images, scales)])
+                labels = np.tile(labels, len(scales) + 1)
                 split += f" reframed: aspects {args.aspect or '-'}, zooms {args.zoom or '-'}"
             scored[size] = images, labels, split
         return model.raw_scores(scored[size][0])[0]
