@@ -15,6 +15,8 @@ study: give each variant its own RUNS folder. `--aspect 0.8,0.9,1.1,1.25` scores
 once as they are and once per ratio with the anatomy made that much taller than wide (at the
 same area, as every frame was squashed to a square from its own aspect ratio: section 17);
 `--zoom 0.8,0.9,1.1,1.25` adds a copy per zoom (a tighter or looser frame: section 18).
+`--families cnn,transfer=runs/a+runs/b` makes each seed's `transfer` the mean of its runs in
+both folders: two recipes' heads on one frozen trunk, as `pneumoscan join` builds it (section 22).
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def main() -> None:
     parser.add_argument(
         "--families",
         default="cnn,transfer",
-        help="comma-separated; FAMILY=DIR takes that family's runs from DIR instead of --runs",
+        help="comma-separated; FAMILY=DIR takes that family's runs from DIR instead of --runs;"
+        " FAMILY=DIR1+DIR2: each seed's member is the mean of its runs in both (section 22)",
     )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--device", default="auto")
@@ -102,18 +105,20 @@ def main() -> None:
     )
 
     seeds = [int(s) for s in args.seeds.split(",")]
-    families = {}  # label -> (family, folder of its runs)
+    families = {}  # label -> (family, folders of its runs)
     for entry in args.families.split(","):
-        family, _, folder = entry.partition("=")
-        label = f"{family}[{Path(folder).name}]" if folder else family
-        families[label] = (family, Path(folder) if folder else args.runs)
-    models = {}
+        family, _, folders = entry.partition("=")
+        runs = [Path(f) for f in folders.split("+")] if folders else [args.runs]
+        label = f"{family}[{'+'.join(r.name for r in runs)}]" if folders else family
+        families[label] = (family, runs)
+    models = {}  # name -> the runs whose mean logit it is
     for (label, (family, runs)), seed in itertools.product(families.items(), seeds):
-        folder = runs / f"{family}-s{seed}"
-        if not (folder / "model.json").exists():
-            cfg = recipe(family, seed, args.set)
-            train.train(cfg, args.data, folder, args.device, log=print, progress=False)
-        models[f"{label}-s{seed}"] = bundle.load(folder)
+        models[f"{label}-s{seed}"] = []
+        for folder in (r / f"{family}-s{seed}" for r in runs):
+            if not (folder / "model.json").exists():
+                cfg = recipe(family, seed, args.set)
+                train.train(cfg, args.data, folder, args.device, log=print, progress=False)
+            models[f"{label}-s{seed}"].append(bundle.load(folder))
 
     scored = {}  # input size -> (images, labels, split name): each model sees its own size
 
@@ -128,7 +133,7 @@ def main() -> None:
             scored[size] = images, labels, split
         return model.raw_scores(scored[size][0])[0]
 
-    logits = {name: logits_of(model) for name, model in models.items()}
+    logits = {name: np.mean([logits_of(m) for m in runs], axis=0) for name, runs in models.items()}
     (_, labels, split), *others = scored.values()
     if any(not np.array_equal(labels, other[1]) for other in others):
         raise SystemExit("the models' input sizes give different images to score")

@@ -324,6 +324,34 @@ def test_a_mixture_of_families_scores_the_mean_and_shares_the_guard_trunk(
         train.join_members([tmp_path / "mix", tiny_models["cnn"]], small_data, tmp_path / "x")
 
 
+def test_two_recipes_of_one_network_share_its_trunk_and_join_a_mixture(
+    tiny_models: dict[str, Path], small_data: Path, tmp_path: Path, xray_files: list[Path]
+) -> None:
+    """Two `transfer` recipes (section 22): one frozen trunk, both heads; then with the `cnn`."""
+    from dataclasses import replace
+
+    from pneumoscan import reader, runtime
+    from pneumoscan.models import MeanOfHeads
+
+    cfg = train.load_config("transfer", max_steps=6, batch_size=32, feature_views=1)
+    wider = replace(cfg, val_fraction=0.25, seed=1, augment={**cfg.augment, "scale": 0.25})
+    train.train(wider, small_data, tmp_path / "wider", "cpu", log=_silent, progress=False)
+    folders = [tiny_models["transfer"], tmp_path / "wider"]
+    heads = train.join_members(folders, small_data, tmp_path / "heads")
+    assert heads.meta["architecture"] == "transfer" and heads.meta["model_args"]["members"] == 2
+    assert isinstance(heads.network.head, MeanOfHeads)
+    recorded = [m["config"]["augment"]["scale"] for m in heads.meta["training"]["members"]]
+    assert recorded == [cfg.augment["scale"], 0.25]
+    images = np.stack([reader.load(f, 128) for f in xray_files])
+    t1, t2, c = (bundle.load(f).raw_scores(images)[0] for f in [*folders, tiny_models["cnn"]])
+    assert np.allclose(heads.raw_scores(images)[0], (t1 + t2) / 2, atol=1e-5)
+    mix = train.join_members([tiny_models["cnn"], tmp_path / "heads"], small_data, tmp_path / "mix")
+    assert mix.meta["architecture"] == "mixture" and mix.description == "cnn + transfer x2"
+    assert np.allclose(mix.raw_scores(images)[0], c / 2 + (t1 + t2) / 4, atol=1e-5)
+    onnx = runtime.load(tmp_path / "mix")
+    assert np.abs(onnx.probabilities(images) - mix.probabilities(images)).max() < 1e-4
+
+
 def test_a_cnn_with_zoom_views_joins_exports_and_explains(
     tiny_models: dict[str, Path], small_data: Path, tmp_path: Path, xray_files: list[Path]
 ) -> None:

@@ -144,13 +144,20 @@ def mixture(members: list[Classifier], specs: list[dict]) -> Mixture:
     return Mixture(members, sharing.index(True) if any(sharing) else None)
 
 
+def share_trunk(members: list[Classifier]) -> bool:
+    """Whether the members' frozen trunks hold the same weights (so one can run for all)."""
+    trunk = members[0].trunk.state_dict()
+    others = (member.trunk.state_dict() for member in members[1:])
+    return all(
+        other.keys() == trunk.keys() and all(torch.equal(other[k], trunk[k]) for k in trunk)
+        for other in others
+    )
+
+
 def ensemble(members: list[Classifier]) -> Classifier:
     """One model from members of one architecture: the shared trunk runs once, then each head."""
-    trunk = members[0].trunk.state_dict()
-    for member in members[1:]:
-        other = member.trunk.state_dict()
-        if other.keys() != trunk.keys() or any(not torch.equal(other[k], trunk[k]) for k in trunk):
-            raise ValueError("ensemble members must share their frozen trunk")
+    if not share_trunk(members):
+        raise ValueError("ensemble members must share their frozen trunk")
     return Classifier(members[0].trunk, MeanOfHeads([m.head for m in members]), members[0].views)
 
 

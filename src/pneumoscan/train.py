@@ -564,12 +564,13 @@ def join_members(
 ) -> bundle.LoadedModel:
     """Trained models -> one model (their mean logit) in OUT.
 
-    Members of one recipe that differ only in their seed share their frozen trunk, which then
-    runs once. Members of different recipes or architectures (a `mixture`) each run whole;
-    they must have been trained on the same data and validation split. Calibration,
-    thresholds and the guard are fit again, on validation, for the joined model.
+    Members of one network (the same architecture and model arguments: seeds of a recipe, or
+    recipes that differ only in how they trained) share their frozen trunk, which then runs
+    once under their heads. Members of different networks (a `mixture`) each run whole. All
+    must have been trained on the same data and validation split. Calibration, thresholds and
+    the guard are fit again, on validation, for the joined model.
     """
-    from pneumoscan.models import ensemble
+    from pneumoscan.models import ensemble, mixture, share_trunk
 
     members = [bundle.load(f) for f in folders]
     first = members[0]
@@ -582,7 +583,13 @@ def join_members(
                 " ensemble members must share them"
             )
     recipes = [{**_config(m.meta), "seed": 0} for m in members]
-    seeds_only = all(r == recipes[0] for r in recipes) and "members" not in first.meta["model_args"]
+    same_recipe = all(r == recipes[0] for r in recipes)
+    networks = [(m.meta["architecture"], m.meta["model_args"]) for m in members]
+    one_network = (
+        all(n == networks[0] for n in networks)
+        and "members" not in networks[0][1]
+        and share_trunk([m.network for m in members])
+    )
     # The guard, calibration and thresholds are the joined model's own, fit below.
     meta = {k: v for k, v in first.meta.items() if k not in ("ood", "test")}
     meta["training"] = {
@@ -594,17 +601,17 @@ def join_members(
                 "seed": m.meta["training"]["config"]["seed"],
                 "validation_auc": m.meta["validation"]["auc"],
                 "wall_time_s": m.meta["training"]["wall_time_s"],
+                # recipes that differ: each member's own (the joined model's is the first's)
+                **({} if same_recipe else {"config": _config(m.meta)}),
             }
             for f, m in zip(folders, members, strict=True)
         ],
         "wall_time_s": round(sum(m.meta["training"]["wall_time_s"] for m in members), 1),
     }
-    if seeds_only:
+    if one_network:
         meta["model_args"] = {**first.meta["model_args"], "members": len(members)}
         network = ensemble([m.network for m in members])
     else:
-        from pneumoscan.models import mixture
-
         specs = [
             {"architecture": m.meta["architecture"], "model_args": m.meta["model_args"]}
             for m in members
