@@ -109,7 +109,7 @@ def main() -> None:
     for entry in args.families.split(","):
         family, _, folders = entry.partition("=")
         runs = [Path(f) for f in folders.split("+")] if folders else [args.runs]
-        label = f"{family}[{'+'.join(r.name for r in runs)}]" if folders else family
+        label = f"{family}[{'&'.join(r.name for r in runs)}]" if folders else family
         families[label] = (family, runs)
     models = {}  # name -> the runs whose mean logit it is
     for (label, (family, runs)), seed in itertools.product(families.items(), seeds):
