@@ -67,6 +67,18 @@ def test_an_ensemble_is_rebuilt_from_its_saved_shape() -> None:
     assert network(torch.zeros(2, 1, 64, 64)).shape == (2,)
 
 
+def test_only_members_with_the_same_trunk_weights_share_one_trunk() -> None:
+    from pneumoscan.models import ensemble, share_trunk
+
+    a, b = create_model("transfer"), create_model("transfer")
+    assert share_trunk([a, b])  # the same ImageNet base, whatever trained the heads
+    with torch.no_grad():
+        next(b.trunk.parameters()).add_(1e-3)  # e.g. a fully fine-tuned base
+    assert not share_trunk([a, b])
+    with pytest.raises(ValueError, match="share their frozen trunk"):
+        ensemble([a, b])
+
+
 def test_equalisation_gives_every_image_one_histogram_whatever_its_exposure(
     xray_files: list,
 ) -> None:
