@@ -17,6 +17,8 @@ same area, as every frame was squashed to a square from its own aspect ratio: se
 `--zoom 0.8,0.9,1.1,1.25` adds a copy per zoom (a tighter or looser frame: section 18).
 `--families cnn,transfer=runs/a+runs/b` makes each seed's `transfer` the mean of its runs in
 both folders: two recipes' heads on one frozen trunk, as `pneumoscan join` builds it (section 22).
+Train each folder's runs first, with its own `--set`: a missing run is trained with this
+command's one recipe, in whichever folder lacks it.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def main() -> None:
         runs = [Path(f) for f in folders.split("+")] if folders else [args.runs]
         label = f"{family}[{'&'.join(r.name for r in runs)}]" if folders else family
         families[label] = (family, runs)
-    models = {}  # name -> the runs whose mean logit it is
+    models = {}  # name -> the loaded runs whose mean logit it is
     for (label, (family, runs)), seed in itertools.product(families.items(), seeds):
         models[f"{label}-s{seed}"] = []
         for folder in (r / f"{family}-s{seed}" for r in runs):
@@ -133,7 +135,9 @@ def main() -> None:
             scored[size] = images, labels, split
         return model.raw_scores(scored[size][0])[0]
 
-    logits = {name: np.mean([logits_of(m) for m in runs], axis=0) for name, runs in models.items()}
+    logits = {
+        name: np.mean([logits_of(run) for run in loaded], axis=0) for name, loaded in models.items()
+    }
     (_, labels, split), *others = scored.values()
     if any(not np.array_equal(labels, other[1]) for other in others):
         raise SystemExit("the models' input sizes give different images to score")
