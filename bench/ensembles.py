@@ -15,6 +15,8 @@ study: give each variant its own RUNS folder. `--aspect 0.8,0.9,1.1,1.25` scores
 once as they are and once per ratio with the anatomy made that much taller than wide (at the
 same area, as every frame was squashed to a square from its own aspect ratio: section 17);
 `--zoom 0.8,0.9,1.1,1.25` adds a copy per zoom (a tighter or looser frame: section 18).
+`--resample 0.5,0.75` adds a copy per factor, shrunk to that fraction of its size and enlarged
+back: the detail a smaller original would have had (section 24).
 `--families cnn,transfer=runs/a+runs/b` makes each seed's `transfer` the mean of its runs in
 both folders: two recipes' heads on one frozen trunk, as `pneumoscan join` builds it (section 22).
 Train each folder's runs first, with its own `--set`: a missing run is trained with this
@@ -72,6 +74,20 @@ def reframed(images: np.ndarray, scales: list[tuple[float, float]]) -> np.ndarra
     return np.concatenate(views)
 
 
+def resampled(images: np.ndarray, factors: list[float]) -> np.ndarray:
+    """A copy of the images per factor f: shrunk to f times their size (antialiased), then
+    enlarged back, so that only the detail a smaller original would have had is left."""
+    x = torch.from_numpy(images).float()[:, None]
+    size = x.shape[-2:]
+    views = []
+    for f in factors:
+        small = [max(1, round(f * s)) for s in size]
+        low = F.interpolate(x, size=small, mode="bilinear", antialias=True, align_corners=False)
+        back = F.interpolate(low, size=size, mode="bilinear", align_corners=False)
+        views.append(back[:, 0].round().clamp(0, 255).to(torch.uint8).numpy())
+    return np.concatenate(views)
+
+
 def recipe(family: str, seed: int, changes: list[str]) -> train.TrainConfig:
     cfg = train.load_config(family, seed=seed)
     for change in changes:
@@ -100,11 +116,13 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE recipe change")
     parser.add_argument("--aspect", default="", help="ratios, e.g. 0.8,0.9,1.1,1.25 (section 17)")
     parser.add_argument("--zoom", default="", help="zooms, e.g. 0.8,0.9,1.1,1.25 (section 18)")
+    parser.add_argument("--resample", default="", help="factors, e.g. 0.5,0.75 (section 24)")
     args = parser.parse_args()
     scales = framings(
         [float(r) for r in args.aspect.split(",") if r],
         [float(z) for z in args.zoom.split(",") if z],
     )
+    factors = [float(f) for f in args.resample.split(",") if f]
 
     seeds = [int(s) for s in args.seeds.split(",")]
     families = {}  # label -> (family, folders of its runs)
@@ -128,10 +146,13 @@ def main() -> None:
         size = model.meta["input_size"]
         if size not in scored:
             images, labels, split = scored_split(args.data, model.meta, args.test)
-            if scales:
-                images = np.concatenate([images, reframed(images, scales)])
-                labels = np.tile(labels, len(scales) + 1)
+            if scales or factors:
+                views = [images, reframed(images, scales)] if scales else [images]
+                views += [resampled(images, factors)] if factors else []
+                images = np.concatenate(views)
+                labels = np.tile(labels, len(scales) + len(factors) + 1)
                 split += f" reframed: aspects {args.aspect or '-'}, zooms {args.zoom or '-'}"
+                split += f", resampled {args.resample}" if factors else ""
             scored[size] = images, labels, split
         return model.raw_scores(scored[size][0])[0]
 
