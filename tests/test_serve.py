@@ -320,6 +320,7 @@ def test_the_default_models_card_says_it_is_an_ensemble() -> None:
 
     with TestClient(create_app(DEFAULT_MODEL)) as client:
         card = client.get("/api/v1/model").json()
-    assert card["name"] == "ensemble" and card["members"] == 2
-    assert card["description"] == "cnn + transfer" and card["architecture"] == "mixture"
+    # the cnn and two transfer heads on one frozen trunk (docs/experiments.md, section 23)
+    assert card["name"] == "ensemble" and card["members"] == 3
+    assert card["description"] == "cnn + transfer x2" and card["architecture"] == "mixture"
     assert card["validation"]["auc"] > 0.99
