@@ -70,8 +70,8 @@ def reframed(images: np.ndarray, scales: list[tuple[float, float]]) -> np.ndarra
         theta = torch.tensor([[1 / sx, 0, 0], [0, 1 / sy, 0]]).expand(len(x), 2, 3)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         warped = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
-        views.append(warped[:, 0].round().clamp(0, 255).to(torch.uint8).numpy())
-    return np.concatenate(views)
+        views.append(warped)
+    return _pixels(views)
 
 
 def resampled(images: np.ndarray, factors: list[float]) -> np.ndarray:
@@ -84,8 +84,13 @@ def resampled(images: np.ndarray, factors: list[float]) -> np.ndarray:
         small = [max(1, round(f * s)) for s in size]
         low = F.interpolate(x, size=small, mode="bilinear", antialias=True, align_corners=False)
         back = F.interpolate(low, size=size, mode="bilinear", align_corners=False)
-        views.append(back[:, 0].round().clamp(0, 255).to(torch.uint8).numpy())
-    return np.concatenate(views)
+        views.append(back)
+    return _pixels(views)
+
+
+def _pixels(views: list[torch.Tensor]) -> np.ndarray:
+    """(N, 1, H, W) float views -> one (sum N, H, W) uint8 array, as the images came."""
+    return torch.cat(views)[:, 0].round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 def recipe(family: str, seed: int, changes: list[str]) -> train.TrainConfig:
@@ -147,9 +152,11 @@ def main() -> None:
         if size not in scored:
             images, labels, split = scored_split(args.data, model.meta, args.test)
             if scales or factors:
-                views = [images, reframed(images, scales)] if scales else [images]
-                views += [resampled(images, factors)] if factors else []
-                images = np.concatenate(views)
+                images = np.concatenate(
+                    [images]
+                    + ([reframed(images, scales)] if scales else [])
+                    + ([resampled(images, factors)] if factors else [])
+                )
                 labels = np.tile(labels, len(scales) + len(factors) + 1)
                 split += f" reframed: aspects {args.aspect or '-'}, zooms {args.zoom or '-'}"
                 split += f", resampled {args.resample}" if factors else ""
