@@ -35,8 +35,12 @@ def test_help_per_command(command: str) -> None:
         (["predict", "x.png", "--shard", "5/4"], "--shard '5/4'"),
         (["nope"], "No such command 'nope'"),
         (
-            ["train", "--model", "cnn,transfer", "--data", ".", "--out", "x"],
-            "several models train with --seeds",
+            ["train", "--model", "cnn,transfer", "--config", "c.yaml", "--data", ".", "--out", "x"],
+            "--config: give it one --model, not 'cnn,transfer'",
+        ),
+        (
+            ["train", "--model", "cnn,transfer+transfer", "--data", ".", "--out", "x"],
+            "transfer+transfer names a recipe twice",
         ),
         (
             ["train", "--model", "cnn", "--val-design", "latest", "--data", ".", "--out", "x"],

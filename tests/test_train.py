@@ -1,5 +1,6 @@
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +12,12 @@ from pneumoscan import bundle, train
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.evaluate import evaluate
 
+# Settings that make a training run a few seconds on the small real subset.
+QUICK = {"batch_size": 32, "feature_views": 1, "val_fraction": 0.25}
+
 
 def _quick(name: str, **overrides) -> train.TrainConfig:
-    return train.load_config(
-        name, **{"batch_size": 32, "feature_views": 1, "val_fraction": 0.25, **overrides}
-    )
+    return train.load_config(name, **{**QUICK, **overrides})
 
 
 def _silent(_: str) -> None:
@@ -103,8 +105,10 @@ def test_an_existing_model_is_not_overwritten_without_force(
 
 
 def test_config_errors_are_clear(tmp_path: Path) -> None:
-    with pytest.raises(PneumoscanError, match="dense, cnn, transfer"):
+    with pytest.raises(PneumoscanError, match="cnn, dense, transfer, transfer-wide, ensemble"):
         train.load_config("vgg")
+    with pytest.raises(PneumoscanError, match="with --config choose one of dense, cnn, transfer"):
+        train.load_config("transfer-wide", tmp_path / "mine.yaml")
     config = tmp_path / "mine.yaml"
     config.write_text("epochs: 3\nemma: 0.99\n")
     with pytest.raises(PneumoscanError, match=r"--config .*mine.yaml: unknown key\(s\) emma; kn"):
@@ -115,6 +119,17 @@ def test_config_errors_are_clear(tmp_path: Path) -> None:
         train.load_config("transfer", ema=1.0)
     cfg = train.load_config("transfer", epochs=2, image_size=224)
     assert cfg.epochs == 2 and cfg.image_size == 224 and cfg.model_args["trainable_blocks"] == 2
+
+
+def test_a_recipe_extends_another_and_the_default_plan_names_its_members() -> None:
+    transfer, wide = train.load_config("transfer"), train.load_config("transfer-wide")
+    assert wide.model == "transfer" and wide.augment["scale"] == 0.25
+    # `extends` merges dicts key by key: only the scale differs from `transfer`.
+    assert replace(wide, augment={**wide.augment, "scale": transfer.augment["scale"]}) == transfer
+    plan = train.load_plan("ensemble", seed=3)
+    assert [list(group) for group in plan] == [["cnn"], ["transfer", "transfer-wide"]]
+    assert all(cfg.seed == 3 for group in plan for cfg in group.values())
+    assert [list(g) for g in train.load_plan("dense, cnn")] == [["dense"], ["cnn"]]
 
 
 def test_augmentation_keeps_range_and_changes_pixels() -> None:
@@ -380,7 +395,7 @@ def test_a_cnn_with_zoom_views_joins_exports_and_explains(
 
 
 def test_one_call_trains_several_families_and_joins_them(small_data: Path, tmp_path: Path) -> None:
-    configs = [_quick("dense", max_steps=2), _quick("cnn", max_steps=2)]
+    configs = train.load_plan("dense,cnn", **QUICK, max_steps=2)
     joined = train.train_ensemble(configs, [0, 1], small_data, tmp_path, log=_silent)
     assert joined.description == "dense x2 + cnn x2" and joined.members == 4
     for name in ("dense", "cnn"):
@@ -390,6 +405,26 @@ def test_one_call_trains_several_families_and_joins_them(small_data: Path, tmp_p
         train.train_ensemble(configs, [0, 1], small_data, tmp_path, log=_silent)
     single = train.train_ensemble(configs, [0], small_data, tmp_path / "one", log=_silent)
     assert single.description == "dense + cnn"  # one seed: each member a single model
+
+
+def test_the_default_plan_trains_in_one_call_and_weighs_its_members(
+    small_data: Path, tmp_path: Path, xray_files: list[Path]
+) -> None:
+    """`train --model ensemble`: cnn, and two transfer heads on one trunk; logit weights 1/2, 1/4, 1/4."""
+    from pneumoscan import reader
+
+    plan = train.load_plan("ensemble", **QUICK, max_steps=2)
+    joined = train.train_ensemble(plan, [0], small_data, tmp_path, log=_silent, name="ensemble")
+    assert joined.name == "ensemble" and joined.description == "cnn + transfer x2"
+    heads = tmp_path / "transfer+transfer-wide"
+    parts = [tmp_path / "cnn", heads / "transfer", heads / "transfer-wide"]
+    images = np.stack([reader.load(f, 128) for f in xray_files])
+    logits = [bundle.load(f).raw_scores(images)[0] for f in parts]
+    expected = logits[0] / 2 + logits[1] / 4 + logits[2] / 4
+    assert np.allclose(joined.raw_scores(images)[0], expected, atol=1e-5)
+    two = bundle.load(heads).meta
+    assert two["model_args"]["members"] == 2  # one trunk, two heads
+    assert [m["config"]["augment"]["scale"] for m in two["training"]["members"]] == [0.1, 0.25]
 
 
 def test_mixup_and_label_smoothing_blend_inputs_targets_and_weights() -> None:

@@ -33,8 +33,9 @@ def train(
     model: str = typer.Option(
         ...,
         "--model",
-        help="dense, cnn or transfer; several (e.g. cnn,transfer, with --seeds) train each and "
-        "join them.",
+        help="A recipe (dense, cnn, transfer, transfer-wide), or several to train and join: "
+        "cnn,transfer (a mixture), transfer+transfer-wide (heads on one frozen trunk); "
+        "ensemble: the bundled default, cnn,transfer+transfer-wide.",
     ),
     data: Path = DATA_OPTION,
     out: Path = typer.Option(..., "--out", help="Folder to write the trained model to."),
@@ -74,15 +75,10 @@ def train(
         help="Train in N processes with DDP (GPUs, or CPU processes); several machines: torchrun.",
     ),
 ) -> None:
-    """Train one model; validation is carved from train by patient, test is never read."""
+    """Train a model, or several and join them; validation is carved from train by patient,
+    test is never read."""
     from pneumoscan import train as training
 
-    names = model.split(",")
-    if len(names) > 1 and (seeds is None or config is not None):
-        raise PneumoscanError(
-            f"--model {model}: several models train with --seeds (e.g. --seeds 0,1,2) "
-            "and their bundled configs"
-        )
     overrides = {
         "epochs": epochs,
         "image_size": image_size,
@@ -90,19 +86,28 @@ def train(
         "max_steps": max_steps,
         "val_design": val_design,
     }
-    configs = [training.load_config(name, config, **overrides) for name in names]
     options = {"device_name": device, "progress": sys.stderr.isatty(), "devices": devices}
+    members = None
     if seeds is not None:
         try:
             members = [int(s) for s in seeds.split(",")]
         except ValueError:
             raise PneumoscanError(f"--seeds {seeds!r}: write integers, e.g. 0,1,2") from None
-        loaded = training.train_ensemble(
-            configs, members, data, out, resume=resume, force=force, log=_stderr, **options
-        )
+    plan = training.load_plan(model, config, **overrides)
+    if len(plan) == 1 and len(plan[0]) == 1 and members is None:
+        (cfg,) = plan[0].values()
+        loaded = training.train(cfg, data, out, resume=resume, force=force, log=_stderr, **options)
     else:
-        loaded = training.train(
-            configs[0], data, out, resume=resume, force=force, log=_stderr, **options
+        loaded = training.train_ensemble(
+            plan,
+            members or [seed or 0],
+            data,
+            out,
+            resume=resume,
+            force=force,
+            log=_stderr,
+            name=model if model in training.PLANS else None,
+            **options,
         )
     if loaded is None:
         return  # a rank other than 0 under torchrun: rank 0 wrote the model

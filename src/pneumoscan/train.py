@@ -60,27 +60,59 @@ class TrainConfig:
     model_args: dict = field(default_factory=dict)
 
 
-def load_config(model: str, path: Path | None = None, **overrides) -> TrainConfig:
-    """The repository's YAML config for `model` (or `path`), with non-None overrides on top."""
+# A plan trains several recipes and joins them: groups split by ",", recipes of one group
+# (heads on one frozen trunk) joined by "+". The bundled default (docs/experiments.md, 23).
+PLANS = {"ensemble": "cnn,transfer+transfer-wide"}
+
+
+def recipes() -> list[str]:
+    """The bundled recipes: one YAML config each (e.g. `transfer-wide` extends `transfer`)."""
+    folder = resources.files("pneumoscan") / "configs"
+    return sorted(f.name[: -len(".yaml")] for f in folder.iterdir() if f.name.endswith(".yaml"))
+
+
+def _recipe_values(recipe: str) -> dict:
+    """A bundled recipe's values; `extends: BASE` starts from BASE's (dicts merged key by key)."""
     import yaml
 
-    if model not in MODEL_NAMES:
-        raise PneumoscanError(f"--model {model!r}: choose one of {', '.join(MODEL_NAMES)}")
+    if recipe not in recipes():
+        choices = ", ".join([*recipes(), *PLANS])
+        raise PneumoscanError(f"--model {recipe!r}: choose one of {choices}")
+    text = (resources.files("pneumoscan") / "configs" / f"{recipe}.yaml").read_text()
+    own = yaml.safe_load(text) or {}
+    base = own.pop("extends", None)
+    values = {"model": recipe} if base is None else _recipe_values(base)
+    for key, value in own.items():
+        merge = isinstance(value, dict) and isinstance(values.get(key), dict)
+        values[key] = {**values[key], **value} if merge else value
+    return values
+
+
+def load_config(recipe: str, path: Path | None = None, **overrides) -> TrainConfig:
+    """A bundled recipe's config (or the YAML at `path` for model `recipe`), with non-None
+    overrides on top."""
+    import yaml
+
     if path is None:
-        text = (resources.files("pneumoscan") / "configs" / f"{model}.yaml").read_text()
+        values = _recipe_values(recipe)
     else:
+        if recipe not in MODEL_NAMES:
+            raise PneumoscanError(
+                f"--model {recipe!r}: with --config choose one of {', '.join(MODEL_NAMES)}"
+            )
         try:
-            text = Path(path).read_text()
+            values = yaml.safe_load(Path(path).read_text()) or {}
         except OSError as exc:
             raise PneumoscanError(f"--config {path}: cannot read ({exc.strerror})") from None
-    values = yaml.safe_load(text) or {}
-    values["model"] = model
+        values["model"] = recipe
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values.get("val_design", "random") not in data.VAL_DESIGNS:
         raise PneumoscanError(
             f"--val-design {values['val_design']!r}: choose one of {', '.join(data.VAL_DESIGNS)}"
         )
-    source = f"--config {path}" if path is not None else f"config for {model}"
+    source = f"--config {path}" if path is not None else f"config for {recipe}"
+    if values["model"] not in MODEL_NAMES:
+        raise PneumoscanError(f"{source}: model must be one of {', '.join(MODEL_NAMES)}")
     known = [f.name for f in fields(TrainConfig)]
     unknown = sorted(set(values) - set(known))
     if unknown:
@@ -92,6 +124,25 @@ def load_config(model: str, path: Path | None = None, **overrides) -> TrainConfi
     if not 0 <= float(values.get("ema", 0.0)) < 1:
         raise PneumoscanError(f"{source}: ema must be in [0, 1) (0: off; e.g. 0.995)")
     return TrainConfig(**values)
+
+
+Plan = list[dict[str, TrainConfig]]
+
+
+def load_plan(spec: str, path: Path | None = None, **overrides) -> Plan:
+    """`--model` -> groups of recipes: "cnn,transfer" two groups, "transfer+transfer-wide" one
+    group of two heads, "ensemble" the bundled default's plan. A config at `path` stands for
+    a single model's; overrides go to every recipe."""
+    full = PLANS.get(spec, spec)
+    groups = [[n.strip() for n in group.split("+")] for group in full.split(",")]
+    if path is not None and sum(map(len, groups)) > 1:
+        raise PneumoscanError(f"--config: give it one --model, not {spec!r}")
+    for names in groups:
+        if len(set(names)) < len(names):
+            raise PneumoscanError(f"--model {spec}: {'+'.join(names)} names a recipe twice")
+    if len({"+".join(names) for names in groups}) < len(groups):
+        raise PneumoscanError(f"--model {spec}: a group is named twice")
+    return [{n: load_config(n, path, **overrides) for n in names} for names in groups]
 
 
 def augment(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> torch.Tensor:
@@ -500,51 +551,67 @@ def train(
 
 
 def train_ensemble(
-    cfg: TrainConfig | list[TrainConfig],
+    plan: TrainConfig | Plan,
     seeds: list[int],
     data_root: Path,
     out_dir: Path,
     resume: bool = False,
     force: bool = False,
     log: Callable[[str], None] = print,
+    name: str | None = None,
     **options,
 ) -> bundle.LoadedModel | None:
-    """Train each recipe once per seed, then join all of them into one model in OUT.
+    """Train each recipe of `plan` once per seed, then join all of them into one model in OUT.
 
-    One recipe: members in OUT/seed-N. Several (a mixture, e.g. `cnn` and `transfer`): each
-    recipe in OUT/MODEL, itself joined from OUT/MODEL/seed-N when there are several seeds. The
-    default `ensemble` is `cnn` and `transfer` with seed 0. With `resume`, members already
-    trained are kept and an interrupted one resumes from its checkpoint. `options` go to `train`
-    (device_name, progress, devices).
+    One recipe (a config): members in OUT/seed-N. Several groups (a mixture, e.g. `cnn` and
+    `transfer`): each group in OUT/GROUP, itself joined from OUT/GROUP/seed-N when there are
+    several seeds. A group of several recipes of one network (`transfer+transfer-wide`): each
+    recipe in OUT/GROUP/RECIPE, joined as heads on its one frozen trunk. Joins take the mean
+    logit at each level, so the default `ensemble` (`cnn,transfer+transfer-wide`, seed 0)
+    weighs its members 1/2, 1/4, 1/4. With `resume`, members already trained are kept and an
+    interrupted one resumes from its checkpoint. `options` go to `train` (device_name,
+    progress, devices).
     """
     out_dir = Path(out_dir)
     if (out_dir / bundle.META_FILE).exists() and not (resume or force):
         raise PneumoscanError(
             f"{out_dir} already holds a trained model; pass --force to overwrite it"
         )
-    configs = cfg if isinstance(cfg, list) else [cfg]
+    if isinstance(plan, TrainConfig):
+        plan = [{plan.model: plan}]
+    joiner = not dist.is_initialized() or dist.get_rank() == 0  # under torchrun: rank 0 joins
 
     def member(recipe: TrainConfig, seed: int, folder: Path) -> Path:
         if resume and (folder / bundle.META_FILE).exists():
             log(f"member {recipe.model} seed {seed}: kept the model already in {folder}")
         else:
-            log(f"== member {recipe.model} seed {seed}")
+            log(f"== member {recipe.model} seed {seed} in {folder}")
             again = resume and (folder / CHECKPOINT_FILE).exists()
             trained = replace(recipe, seed=seed)
             train(trained, data_root, folder, resume=again, force=force, log=log, **options)
         return folder
 
-    if len(configs) == 1:
-        folders = [member(configs[0], s, out_dir / f"seed-{s}") for s in seeds]
-    elif len(seeds) == 1:
-        folders = [member(c, seeds[0], out_dir / c.model) for c in configs]
-    else:  # each recipe an ensemble of seeds of its own
-        folders = [out_dir / c.model for c in configs]
-        for c, folder in zip(configs, folders, strict=True):
-            train_ensemble(c, seeds, data_root, folder, resume, force, log, **options)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return None  # under torchrun: rank 0 joins the members
-    return join_members(folders, data_root, out_dir)
+    def parts(groups: Plan, folder: Path) -> list[Path]:
+        """The trained folders that `groups` joins from, inside `folder`."""
+        if len(groups) > 1:
+            return [built([g], folder / "+".join(g)) for g in groups]
+        if len(groups[0]) > 1:
+            return [built([{r: c}], folder / r) for r, c in groups[0].items()]
+        (recipe,) = groups[0].values()
+        return [member(recipe, s, folder / f"seed-{s}") for s in seeds]
+
+    def built(groups: Plan, folder: Path) -> Path:
+        """A part of the whole: one recipe with one seed trains in place, the rest join."""
+        if len(groups) == 1 and len(groups[0]) == 1 and len(seeds) == 1:
+            (recipe,) = groups[0].values()
+            return member(recipe, seeds[0], folder)
+        folders = parts(groups, folder)
+        if joiner:
+            join_members(folders, data_root, folder)
+        return folder
+
+    folders = parts(plan, out_dir)
+    return join_members(folders, data_root, out_dir, name) if joiner else None
 
 
 def _config(meta: dict) -> dict:
