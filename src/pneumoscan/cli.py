@@ -350,6 +350,98 @@ def serve(
     uvicorn.run(web, host=host, port=port)
 
 
+@app.command()
+def listen(
+    forward: str = typer.Option(
+        ..., "--forward", help="Where reports go: the PACS as AET@HOST:PORT (C-STORE)."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: all)."),
+    port: int = typer.Option(11112, "--port", min=1, max=65535, help="DICOM port to listen on."),
+    ae_title: str = typer.Option("PNEUMOSCAN", "--ae-title", help="This node's AE title."),
+    outputs: str = typer.Option(
+        "sr",
+        "--outputs",
+        help="What to send back: sr (a structured report), sc (a heatmap "
+        "Secondary Capture), or sr,sc.",
+    ),
+    model: str = typer.Option(
+        DEFAULT_MODEL,
+        "--model",
+        help="Bundled model (ensemble, dense, cnn, transfer) or a model folder.",
+    ),
+    mode: str = typer.Option(
+        "detection", "--mode", help="Operating point: detection (sensitive) or balanced."
+    ),
+    queue_dir: Path | None = typer.Option(
+        None,
+        "--queue",
+        help="Folder for received images and unsent results (default: the user's cache).",
+    ),
+    allow: str | None = typer.Option(
+        None,
+        "--allow",
+        help="Accept associations only from these calling AE titles (comma-separated).",
+    ),
+    tls_cert: Path | None = typer.Option(
+        None, "--tls-cert", help="PEM certificate: DICOM over TLS."
+    ),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key for --tls-cert."),
+    uid_root: str | None = typer.Option(
+        None,
+        "--uid-root",
+        help="Your organisation's UID root for the objects made (default: pydicom's).",
+    ),
+    retry_max: float = typer.Option(
+        60,
+        "--retry-max",
+        min=0.1,
+        help="Longest wait, in seconds, between tries to reach --forward.",
+    ),
+) -> None:
+    """Run a DICOM node: X-rays in by C-STORE, reports out to the PACS in the same study."""
+    import logging
+    import signal
+    import threading
+
+    from pneumoscan import dicom_node, dicom_report
+
+    config = dicom_node.NodeConfig(
+        forward=dicom_node.Destination.parse(forward),
+        host=host,
+        port=port,
+        ae_title=ae_title,
+        outputs=tuple(o.strip() for o in outputs.split(",") if o.strip()),
+        model=model,
+        mode=mode,
+        allow=tuple(a.strip() for a in allow.split(",") if a.strip()) if allow else (),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        uid_root=uid_root or dicom_report.DEFAULT_UID_ROOT,
+        retry_max_s=retry_max,
+    )
+    if queue_dir is not None:
+        config.queue = queue_dir
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    dicom_node.log.addHandler(handler)
+    dicom_node.log.setLevel(logging.INFO)
+    node = dicom_node.Node(config)
+    node.start()
+    _stderr(
+        f"listening as {ae_title} on {host}:{port} ({node.model.name} model, {mode} point); "
+        f"reports go to {forward}; queue in {config.queue}; research tool, not a medical device"
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.stop()
+
+
 def main() -> None:
     """Console entry point: user mistakes become one line on stderr and exit code 1."""
     import click

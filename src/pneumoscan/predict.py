@@ -113,14 +113,16 @@ def predict(
     workers: int | None = None,
     heatmaps: Path | None = None,
     explain: bool = False,
+    explainer: LoadedModel | None = None,
 ) -> Iterator[Prediction]:
     """Score files (or in-memory uploads) in order, yielding each result once its batch is done.
 
     `model` is a torch `LoadedModel` or an ONNX Runtime one (runtime.load). `explain` attaches a
-    Grad-CAM overlay PNG to each scored result (torch only); `heatmaps` also writes it there.
+    Grad-CAM overlay PNG to each scored result; `heatmaps` also writes it there. Heatmaps need
+    torch: `model` itself, or `explainer`, its torch twin, while `model` scores.
     """
     threshold = model.threshold(mode)
-    writer = _HeatmapWriter(model, heatmaps) if heatmaps is not None or explain else None
+    writer = _HeatmapWriter(explainer or model, heatmaps) if heatmaps is not None or explain else None
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
         in_flight: deque[list[Future[_Decoded]]] = deque()
