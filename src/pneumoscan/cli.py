@@ -243,6 +243,12 @@ def predict(
         None, "--shard", help="Score only part I of N of the files (I/N), to split a batch."
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --csv file."),
+    dicom_out: Path | None = typer.Option(
+        None,
+        "--dicom-out",
+        help="Write a DICOM structured report (and with --heatmaps a Secondary Capture) here "
+        "for every DICOM input, in the input's study.",
+    ),
 ) -> None:
     """Screen image files. Exit code: 0 all files scored, 2 some files failed (the rest are still
     reported), 1 usage error. Images that do not look like chest X-rays get ood=true and no label."""
@@ -270,6 +276,12 @@ def predict(
         from pneumoscan import runtime
 
         loaded = runtime.load(model)
+    reporter = None
+    if dicom_out is not None:
+        from pneumoscan import dicom_report
+
+        dicom_report.check_folder(dicom_out)
+        reporter = dicom_report.Reporter(loaded, ("sr", "sc") if heatmaps is not None else ("sr",))
     results = list(screening.predict(loaded, files, mode, heatmaps=heatmaps))
     if sort:
         results.sort(key=lambda r: -1.0 if r.probability is None else r.probability, reverse=True)
@@ -279,6 +291,12 @@ def predict(
         report.write_predictions_csv(results, csv_file)
     else:
         report.print_predictions(results)
+    reports = ""
+    if reporter is not None:
+        written, skipped = dicom_report.write_folder(reporter, results, dicom_out)
+        reports = f"; wrote {written} DICOM object(s) to {dicom_out}" + (
+            f" ({skipped} input(s) not DICOM or not scored)" if skipped else ""
+        )
     failed = sum(r.error is not None for r in results)
     flagged = sum(bool(r.ood) for r in results)
     _stderr(
@@ -286,6 +304,7 @@ def predict(
         + (f"; {flagged} not chest X-rays (no label)" if flagged else "")
         + (f"; {failed} failed" if failed else "")
         + (f"; wrote {csv_file}" if csv_file else "")
+        + reports
     )
     if failed:
         raise typer.Exit(2)
@@ -334,18 +353,29 @@ def serve(
         min=0.1,
         help="Seconds a client may pause mid-upload before it gets a 408 (stalled client).",
     ),
+    token_file: Path | None = typer.Option(
+        None,
+        "--token-file",
+        help="A file holding the API token: every /api/v1 call then needs "
+        "'Authorization: Bearer <token>' (the page asks for it).",
+    ),
 ) -> None:
     """Serve the screening page at / and the JSON API at /api/v1 (documented at /docs)."""
     import uvicorn
 
     from pneumoscan import serve as service
 
+    token = service.read_token(token_file) if token_file is not None else None
     web = service.create_app(
-        model, max_file_bytes=round(max_file_mb * service.MB), body_timeout=body_timeout
+        model,
+        max_file_bytes=round(max_file_mb * service.MB),
+        body_timeout=body_timeout,
+        token=token,
     )
     _stderr(
-        f"serving the {web.state.model.name} model on http://{host}:{port}/ (API docs at /docs); "
-        "research tool, not a medical device"
+        f"serving the {web.state.model.name} model on http://{host}:{port}/ (API docs at /docs)"
+        + ("; the API needs its token" if token else "")
+        + "; research tool, not a medical device"
     )
     uvicorn.run(web, host=host, port=port)
 

@@ -318,6 +318,33 @@ def _quiet_highdicom():
     return quiet()
 
 
+def write_folder(reporter: Reporter, results: list[Prediction], folder: Path) -> tuple[int, int]:
+    """Write the outputs of every scored DICOM input into `folder` (the folder-in/folder-out way
+    of MONAI Deploy apps): STEM.sr.dcm, STEM.sc.dcm. Returns (objects written, inputs skipped:
+    not DICOM, unreadable, or made by pneumoscan)."""
+    check_folder(folder)
+    written = skipped = 0
+    for result in results:
+        source = None
+        if result.error is None:
+            try:
+                source = read_source(Path(result.file).read_bytes())
+            except OSError:
+                source = None
+        if source is None or made_here(source):
+            skipped += 1
+            continue
+        for kind, ds in reporter.build(source, result):
+            write_exclusive(folder, f"{Path(result.file).stem}.{kind}", encode(ds))
+            written += 1
+    return written, skipped
+
+
+def check_folder(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise PneumoscanError(f"--dicom-out {folder}: exists and is not a folder")
+
+
 def encode(ds: Dataset) -> bytes:
     """The object as a DICOM file (preamble, file meta), ready to store or send."""
     buffer = io.BytesIO()

@@ -122,7 +122,9 @@ def predict(
     torch: `model` itself, or `explainer`, its torch twin, while `model` scores.
     """
     threshold = model.threshold(mode)
-    writer = _HeatmapWriter(explainer or model, heatmaps) if heatmaps is not None or explain else None
+    writer = (
+        _HeatmapWriter(explainer or model, heatmaps) if heatmaps is not None or explain else None
+    )
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
         in_flight: deque[list[Future[_Decoded]]] = deque()

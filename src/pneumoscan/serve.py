@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import hmac
 import threading
 from importlib import resources
 from pathlib import Path, PurePosixPath
@@ -49,10 +50,12 @@ def create_app(
     max_file_bytes: int = MAX_FILE_BYTES,
     max_files: int = MAX_FILES,
     body_timeout: float = BODY_TIMEOUT_S,
+    token: str | None = None,
 ) -> FastAPI:
     """The app serving `model` (a bundled name or a model folder); loads it now, once.
 
     A client that sends no part of its unfinished request body for `body_timeout` s gets a 408.
+    With a `token`, every API call but health needs `Authorization: Bearer <token>`.
     """
     loaded = runtime.load(model)  # scores with ONNX Runtime: fast, and no torch in memory
     explainer = functools.cache(lambda: bundle.load(model))  # torch: for the first heatmap
@@ -67,6 +70,8 @@ def create_app(
     app.add_middleware(
         BodyLimit, max_bytes=max_files * (max_file_bytes + PART_OVERHEAD), timeout=body_timeout
     )
+    if token is not None:
+        app.add_middleware(BearerToken, token=token)  # added last: it runs first
 
     def score(sources: list[tuple[str, bytes]], mode: str, heatmap: bool) -> list[dict]:
         with lock:
@@ -169,6 +174,48 @@ def _client_name(filename: str | None, index: int) -> str:
     """The file's own name: browsers may send a path (Windows ones too), which is not ours."""
     name = PurePosixPath((filename or "").replace("\\", "/")).name
     return name or f"upload-{index}"
+
+
+def read_token(path: Path) -> str:
+    """The API token in `path` (surrounding white space ignored)."""
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise PneumoscanError(f"--token-file {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PneumoscanError(f"--token-file {path}: cannot read it ({exc})") from None
+    if len(token) < 16 or any(c.isspace() for c in token):
+        raise PneumoscanError(
+            f"--token-file {path}: write one token of at least 16 characters, no spaces "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    return token
+
+
+class BearerToken:
+    """Every `/api/v1` call but health needs `Authorization: Bearer <token>`; else a 401.
+
+    The comparison takes the same time whatever the guess, so the token cannot be found by timing.
+    """
+
+    OPEN = frozenset({"/api/v1/health"})
+
+    def __init__(self, app: ASGIApp, token: str):
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path.startswith("/api/") and path not in self.OPEN:
+            given = Headers(scope=scope).get("authorization", "").encode("latin-1", "replace")
+            if not hmac.compare_digest(given, self.expected):
+                detail = "missing or wrong API token: send the header Authorization: Bearer <token>"
+                response = JSONResponse(
+                    {"detail": detail}, 401, headers={"WWW-Authenticate": "Bearer"}
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _size(n: int) -> str:

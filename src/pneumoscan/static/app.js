@@ -20,6 +20,8 @@
     list: $("results"),
     csv: $("download-csv"),
     clear: $("clear"),
+    tokenForm: $("token-form"),
+    token: $("token"),
   };
   const state = {
     entries: [],
@@ -65,11 +67,41 @@
     return { ...result, file: name, mode, error: message, heatmap_png: null };
   }
 
+  // ---- the API token (`serve --token-file`): asked for once, kept for this tab only -------
+
+  const TOKEN_KEY = "pneumoscan-token";
+
+  function api(path, options = {}) {
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    const headers = token ? { Authorization: `Bearer ${token}` } : {};
+    return fetch(path, { ...options, headers }).then((res) => {
+      if (res.status === 401) askToken(token ? "That token was not accepted; enter it again." : null);
+      return res;
+    });
+  }
+
+  function askToken(message) {
+    ui.tokenForm.hidden = false;
+    if (message) say(message);
+    ui.token.focus();
+  }
+
+  ui.tokenForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const token = ui.token.value.trim();
+    if (!token) return;
+    sessionStorage.setItem(TOKEN_KEY, token);
+    ui.token.value = "";
+    ui.tokenForm.hidden = true;
+    say("");
+    loadModel();
+  });
+
   // ---- the model card ------------------------------------------------------------------
 
   async function loadModel() {
     try {
-      const res = await fetch("api/v1/model");
+      const res = await api("api/v1/model");
       if (!res.ok) throw new Error(await errorText(res));
       const card = await res.json();
       if (card.limits) state.limits = card.limits;
@@ -100,7 +132,7 @@
     const form = new FormData();
     for (const file of files) form.append("files", file, file.name);
     const query = new URLSearchParams({ mode, heatmap: String(heatmap) });
-    const res = await fetch(`api/v1/predict?${query}`, { method: "POST", body: form });
+    const res = await api(`api/v1/predict?${query}`, { method: "POST", body: form });
     if (!res.ok) {
       const err = new Error(await errorText(res));
       err.status = res.status;
