@@ -85,3 +85,58 @@ def serving(options: list[str], log: Path, wait_s: float = 180) -> Iterator[tupl
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, log: Path | None = None) -> None:
+    """Poll `predicate` until it is true; fail with `what` (and the log) after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            shown = f"\n{log.read_text()}" if log is not None and log.exists() else ""
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}{shown}")
+        time.sleep(0.2)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextlib.contextmanager
+def listening(
+    options: list[str], log: Path, port: int | None = None, wait_s: float = 180
+) -> Iterator[int]:
+    """`pneumoscan listen OPTIONS` in its own process on `port` (default: a free one), output
+    appended to `log`. Yields the port once it accepts connections; stops it with SIGTERM."""
+    port = port or free_port()
+    with log.open("a") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pneumoscan", "listen", "--port", str(port), *options],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + wait_s
+        while not port_open(port):
+            if process.poll() is not None:
+                pytest.fail(
+                    f"pneumoscan listen exited with {process.returncode}:\n{log.read_text()}"
+                )
+            if time.monotonic() > deadline:
+                pytest.fail(f"pneumoscan listen did not open its port:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

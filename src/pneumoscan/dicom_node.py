@@ -183,6 +183,7 @@ class Node:
     # -- receive --------------------------------------------------------------------------
 
     def _application_entity(self):
+        from pydicom.uid import UID
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES
         from pynetdicom.sop_class import Verification
 
@@ -194,8 +195,11 @@ class Node:
         if self.config.allow:
             ae.require_calling_aet = list(self.config.allow)
         ae.add_supported_context(Verification)
+        # pynetdicom takes the first of ours that the sender proposed: compressed ones first, so
+        # a modality whose file is compressed sends it as it is instead of decompressing it.
+        syntaxes = sorted(ALL_TRANSFER_SYNTAXES, key=lambda ts: not UID(ts).is_compressed)
         for sop_class in dicom_report.IMAGE_STORAGE:
-            ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(sop_class, syntaxes)
         return ae
 
     def _on_store(self, event) -> int:
