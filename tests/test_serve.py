@@ -324,3 +324,40 @@ def test_the_default_models_card_says_it_is_an_ensemble() -> None:
     assert card["name"] == "ensemble" and card["members"] == 3
     assert card["description"] == "cnn + transfer x2" and card["architecture"] == "mixture"
     assert card["validation"]["auc"] > 0.99
+
+
+TOKEN = "s3cret-token-for-tests-0123456789"
+
+
+@pytest.fixture(scope="module")
+def guarded(cnn_folder: Path) -> TestClient:
+    with TestClient(create_app(cnn_folder, token=TOKEN)) as test_client:
+        yield test_client
+
+
+def test_a_token_guards_every_api_call_but_health(
+    guarded: TestClient, xray_files: list[Path]
+) -> None:
+    good = {"Authorization": f"Bearer {TOKEN}"}
+    assert guarded.get("/api/v1/health").status_code == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        response = guarded.get("/api/v1/model", headers=headers)
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+        upload_ = guarded.post("/api/v1/predict", files=jpegs(xray_files[:1]), headers=headers)
+        assert upload_.status_code == 401
+    assert guarded.get("/api/v1/model", headers=good).status_code == 200
+    scored = guarded.post("/api/v1/predict", files=jpegs(xray_files[:1]), headers=good)
+    assert scored.status_code == 200 and scored.json()["results"][0]["label"] is not None
+    assert guarded.get("/").status_code == 200  # the page itself asks for the token
+
+
+def test_token_file_must_hold_a_real_token(tmp_path: Path) -> None:
+    from pneumoscan.errors import PneumoscanError
+    from pneumoscan.serve import read_token
+
+    path = tmp_path / "token"
+    path.write_text(f"  {TOKEN}\n")
+    assert read_token(path) == TOKEN
+    path.write_text("short\n")
+    with pytest.raises(PneumoscanError, match="at least 16 characters"):
+        read_token(path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,7 +67,8 @@ def domain_of(result: Prediction) -> str:
 
 
 def read_source(data: bytes) -> Dataset | None:
-    """The header of a DICOM image (no pixels), or None when `data` is not DICOM with a UID."""
+    """The header of a DICOM image (no pixels), or None when `data` is not a DICOM image with
+    the UIDs an output must reference (SOP class and instance, series, study)."""
     import pydicom
 
     from pneumoscan.reader import _quiet_pydicom
@@ -76,9 +78,9 @@ def read_source(data: bytes) -> Dataset | None:
     try:
         with _quiet_pydicom():
             ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-            if "SOPInstanceUID" not in ds or "StudyInstanceUID" not in ds:
+            required = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
+            if not all(ds.get(keyword) for keyword in required):
                 return None
-            ds.SOPInstanceUID  # noqa: B018 (decoded now, under the lock)
             return ds
     except Exception:
         return None
@@ -97,12 +99,10 @@ def output_uid(root: str, *parts: str) -> str:
 
 
 def _check_root(root: str) -> str:
-    from pydicom.uid import UID
-
-    root = root if root.endswith(".") else root + "."
-    if not UID(root[:-1]).is_valid or len(root) > 40:
+    prefix = root if root.endswith(".") else root + "."
+    if not re.fullmatch(r"((0|[1-9][0-9]*)\.)+", prefix) or len(prefix) > 40:
         raise PneumoscanError(f"--uid-root {root!r}: not a valid UID root (digits and dots, <= 40)")
-    return root
+    return prefix
 
 
 @dataclass
@@ -159,6 +159,7 @@ class Reporter:
         )
         from pydicom.sr.codedict import codes
 
+        source = _complete(source)
         uids = self._uids(source, "sr")
         pneumonia = CodedConcept("233604007", "SCT", "Pneumonia")
         unit = CodedConcept("1", "UCUM", "no units")
@@ -245,6 +246,7 @@ class Reporter:
         import highdicom as hd
         from PIL import Image
 
+        source = _complete(source)
         uids = self._uids(source, "sc")
         rgb = np.asarray(Image.open(io.BytesIO(overlay_png)).convert("RGB"))
         with _quiet_highdicom():
@@ -267,6 +269,32 @@ class Reporter:
         sc.ImageType = ["DERIVED", "SECONDARY"]
         sc.DerivationDescription = "Grad-CAM heatmap of the pneumonia score over the source X-ray"
         return _finish(sc, source, uids["SeriesDescription"])
+
+
+# Patient and study attributes an SR or SC must carry, empty when unknown (type 2); real files
+# often lack some, and highdicom reads them from the source.
+_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+
+def _complete(source: Dataset) -> Dataset:
+    """A copy of the source header with every type 2 attribute present (empty where missing)."""
+    import copy
+
+    filled = copy.deepcopy(source)
+    for keyword in _TYPE2:
+        if keyword not in filled:
+            setattr(filled, keyword, "")
+    return filled
 
 
 def _orientation(source: Dataset) -> tuple[str, str]:
