@@ -132,3 +132,37 @@ def test_upload_shows_label_probability_and_heatmap(
             assert problems == []
         finally:
             browser.close()
+
+
+def test_a_server_with_a_token_asks_for_it_once(
+    tiny_models: dict[str, Path], xray_files: list[Path], tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    token = "browser-test-token-0123456789"
+    (tmp_path / "token").write_text(token + "\n")
+    options = ["--model", str(tiny_models["cnn"]), "--token-file", str(tmp_path / "token")]
+    with serving(options, tmp_path / "serve.log") as (host, port):
+        base = f"http://{host}:{port}/"
+        assert httpx.get(base + "api/v1/model").status_code == 401
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.goto(base)
+                form = page.locator("#token-form")
+                expect(form).to_be_visible()
+                page.fill("#token", "not-the-token")
+                page.get_by_role("button", name="Use token").click()
+                expect(page.locator("#status")).to_contain_text("not accepted")
+                page.fill("#token", token)
+                page.get_by_role("button", name="Use token").click()
+                expect(page.locator("#model-line")).to_contain_text("Model: ")
+                expect(form).to_be_hidden()
+                page.set_input_files("#file-input", [str(xray_files[0])])
+                expect(page.locator("#results > li .label")).to_have_text(
+                    re.compile("NORMAL|PNEUMONIA")
+                )
+            finally:
+                browser.close()
+    assert token not in (tmp_path / "serve.log").read_text()
