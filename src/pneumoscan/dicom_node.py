@@ -31,6 +31,7 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 # C-STORE statuses a destination may answer with and still have stored the object.
 STORED = {0x0000, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007}
+BATCH = 16  # images scored together when several are waiting
 SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 
@@ -229,57 +230,66 @@ class Node:
 
     def _score_loop(self) -> None:
         while True:
-            key = self.work.get()
-            if key is None:
-                return
+            keys = [self.work.get()]
+            while len(keys) < BATCH:  # whatever else has arrived is scored in the same batch
+                try:
+                    keys.append(self.work.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in keys
             try:
-                self._score(key)
-            except Exception as exc:  # one bad instance never stops the node
+                self._score([k for k in keys if k is not None])
+            except Exception as exc:  # one bad batch never stops the node
                 log.error(
-                    "instance %s: not scored (%s); it stays in the queue", key, type(exc).__name__
+                    "%d instance(s) not scored (%s); they stay queued",
+                    len(keys),
+                    type(exc).__name__,
                 )
+            if stop:
+                return
 
-    def _score(self, key: str) -> None:
+    def _score(self, keys: list[str]) -> None:
         from pneumoscan import predict as screening
 
-        path = self.disk.incoming / f"{key}.dcm"
-        if not path.exists():
-            return
-        data = path.read_bytes()
-        source = dicom_report.read_source(data)
-        if source is None:
-            log.warning("instance %s: not a readable DICOM image header; no report", key)
-            self.disk.put_results(key, [])
-            return
-        if dicom_report.made_here(source):
-            log.info("instance %s: made by pneumoscan; not scored (no routing loops)", key)
-            self.disk.put_results(key, [])
-            return
-        name = f"instance {key}"
-        (result,) = screening.predict(
+        batch = []  # (key, source header, bytes) of the images to score
+        for key in keys:
+            path = self.disk.incoming / f"{key}.dcm"
+            if not path.exists():
+                continue
+            data = path.read_bytes()
+            source = dicom_report.read_source(data)
+            if source is None:
+                log.warning("instance %s: not a DICOM image with its UIDs; no report", key)
+                self.disk.put_results(key, [])
+            elif dicom_report.made_here(source):
+                log.info("instance %s: made by pneumoscan; not scored (no routing loops)", key)
+                self.disk.put_results(key, [])
+            else:
+                batch.append((key, source, data))
+        results = screening.predict(
             self.model,
-            [(name, data)],
+            [(f"instance {key}", data) for key, _, data in batch],
             self.config.mode,
             workers=1,
             explain=self.explainer is not None,
             explainer=self.explainer,
         )
-        if result.error is not None:
-            log.warning("%s; no report", result.error)
-            self.disk.put_results(key, [])
-            return
-        objects = self.reporter.build(source, result)
-        self.disk.put_results(key, [(kind, dicom_report.encode(ds)) for kind, ds in objects])
-        domain = dicom_report.domain_of(result)
-        log.info(
-            "instance %s: P(pneumonia) %.3f -> %s (%s); %s queued",
-            key,
-            result.probability,
-            result.label or "no label",
-            domain,
-            ", ".join(kind for kind, _ in objects),
-        )
-        self.wake.set()
+        for (key, source, _), result in zip(batch, results, strict=True):
+            if result.error is not None:
+                log.warning("%s; no report", result.error)
+                self.disk.put_results(key, [])
+                continue
+            objects = self.reporter.build(source, result)
+            self.disk.put_results(key, [(kind, dicom_report.encode(ds)) for kind, ds in objects])
+            log.info(
+                "instance %s: P(pneumonia) %.3f -> %s (%s); %s queued",
+                key,
+                result.probability,
+                result.label or "no label",
+                dicom_report.domain_of(result),
+                ", ".join(kind for kind, _ in objects),
+            )
+            self.wake.set()
 
     # -- forward --------------------------------------------------------------------------
 
