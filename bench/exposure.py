@@ -1,0 +1,123 @@
+"""Exposure and windowing invariance: does the same X-ray keep its label and probability?
+
+    python bench/exposure.py --data DIR [--models ensemble,dense,cnn,transfer]
+                             [--splits validation,test] [--every 4]
+
+For every `--every`-th image of each split (validation: carved from train as the models' own
+split, for decisions; test: for the record) and each transform, the detection-point label flips
+and the largest change of the calibrated probability against the untouched image. Transforms:
+`shift.EXPOSURE` (offset +-20 grey levels, gain 0.85/1.15, gamma 0.8/1.25) applied to the
+decoded pixels, and DICOM encodings read back through the reader: 12-bit with a VOI window,
+MONOCHROME1 over the full bit depth, and MONOCHROME1 inverted over the image's own pixel range.
+Rows go to bench/results/cpu_exposure.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import record
+from pydicom import uid
+from pydicom.dataset import FileDataset, FileMetaDataset
+
+from pneumoscan import data, reader, runtime, shift
+
+
+def _dicom(pixels: np.ndarray, photometric: str, bits: int, **attrs) -> bytes:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = uid.DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = uid.generate_uid()
+    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
+    ds.Modality = "DX"
+    ds.set_pixel_data(pixels, photometric, bits)
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def windowed_12bit(image: np.ndarray) -> np.ndarray:
+    wide = image.astype(np.uint16) * 16 + 8
+    return reader.read_image(_dicom(wide, "MONOCHROME2", 12, WindowCenter=2048, WindowWidth=4096))
+
+
+def monochrome1_full(image: np.ndarray) -> np.ndarray:
+    return reader.read_image(_dicom((255 - image).astype(np.uint8), "MONOCHROME1", 8))
+
+
+def monochrome1_own_range(image: np.ndarray) -> np.ndarray:
+    wide = image.astype(np.uint16) * 16
+    inverted = (int(wide.max()) + int(wide.min()) - wide).astype(np.uint16)
+    return reader.read_image(_dicom(inverted, "MONOCHROME1", 12))
+
+
+TRANSFORMS = {
+    **shift.EXPOSURE,
+    "dicom-12bit-window": windowed_12bit,
+    "dicom-monochrome1": monochrome1_full,
+    "dicom-monochrome1-own-range": monochrome1_own_range,
+}
+
+
+def measure(model, originals: list[np.ndarray]) -> list[dict]:
+    size = model.input_size
+    threshold = model.threshold("detection")
+    base = model.probabilities(np.stack([reader.resize(im, size) for im in originals]))
+    rows = []
+    for name, transform in TRANSFORMS.items():
+        moved = model.probabilities(
+            np.stack([reader.resize(transform(im), size) for im in originals])
+        )
+        flips = int(((base >= threshold) != (moved >= threshold)).sum())
+        rows.append(
+            {
+                "transform": name,
+                "flips": flips,
+                "max_change": round(float(np.abs(moved - base).max()), 4),
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--models", default="ensemble,dense,cnn,transfer")
+    parser.add_argument("--splits", default="validation,test")
+    parser.add_argument("--every", type=int, default=4)
+    args = parser.parse_args()
+
+    files = {}
+    if "validation" in args.splits:
+        files["validation"] = data.train_val_split(data.list_split(args.data, "train"))[1].files
+    if "test" in args.splits:
+        files["test"] = data.list_split(args.data, "test").files
+    out = []
+    for split, listed in files.items():
+        originals = [reader.read_image(f) for f in listed[:: args.every]]
+        for name in args.models.split(","):
+            model = runtime.load(name)
+            for row in measure(model, originals):
+                row = {
+                    "date": date.today().isoformat(),
+                    "model": name,
+                    "split": split,
+                    "images": len(originals),
+                    **row,
+                }
+                print(row)
+                out.append(row)
+    record.append("cpu_exposure.jsonl", out)
+
+
+if __name__ == "__main__":
+    main()
