@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from pneumoscan import bundle, predict, runtime
+from pneumoscan.export import export_onnx
 
 
 class Peer(nn.Module):
@@ -56,7 +57,7 @@ def peer_models(name: str, folder: Path) -> dict[str, bundle.ModelCard]:
         "operating_points": {"detection": {"threshold": 0.5}},
     }
     torch_model = bundle.LoadedModel(name, folder, meta, scorer.net, scorer)
-    path = runtime.export(scorer, 224, folder / f"{name}.onnx")
+    path = export_onnx(scorer, 224, folder / f"{name}.onnx")
     onnx_model = runtime.OnnxModel(name, folder, meta, runtime.session(path))
     return {"torch": torch_model, "onnx": onnx_model}
 

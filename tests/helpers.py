@@ -85,3 +85,22 @@ def serving(options: list[str], log: Path, wait_s: float = 180) -> Iterator[tupl
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+# Settings that make a training run a few seconds on the small real subset.
+QUICK = {"batch_size": 32, "feature_views": 1, "val_fraction": 0.25}
+
+
+def quick(name: str, **overrides):
+    """A bundled recipe's config with QUICK settings (and `overrides`) on top."""
+    from pneumoscan.config import load_config
+
+    return load_config(name, **{**QUICK, **overrides})
+
+
+def silent(_: str) -> None:
+    pass
+
+
+class Interrupt(Exception):
+    """Raised from a log callback to stop a training run as a crash would."""

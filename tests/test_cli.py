@@ -1,25 +1,33 @@
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from pneumoscan import cli
 
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pneumoscan", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=900,
-    )
+def run(*args: str) -> tuple[int, str, str]:
+    """`pneumoscan ARGS` in this process, through the console entry point: (exit code, stdout,
+    stderr)."""
+    runner = CliRunner()
+    with runner.isolation() as (stdout, stderr, _):
+        argv, sys.argv = sys.argv, ["pneumoscan", *args]
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        finally:
+            sys.argv = argv
+        return code, stdout.getvalue().decode(), stderr.getvalue().decode()
 
 
 @pytest.mark.parametrize("command", ["train", "join", "evaluate", "benchmark"])
 def test_help_per_command(command: str) -> None:
-    result = run(command, "--help")
-    assert result.returncode == 0 and "--data" in result.stdout
+    code, stdout, _ = run(command, "--help")
+    assert code == 0 and "--data" in stdout
 
 
 @pytest.mark.parametrize(
@@ -54,12 +62,13 @@ def test_help_per_command(command: str) -> None:
     ],
 )
 def test_user_mistakes_give_one_line_and_non_zero_exit(
-    args: list[str], phrase: str, tmp_path: Path
+    args: list[str], phrase: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    result = run(*args, cwd=tmp_path)
-    assert result.returncode == 1
-    assert result.stderr.strip().count("\n") == 0 and phrase in result.stderr
-    assert "Traceback" not in result.stderr
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = run(*args)
+    assert code == 1
+    assert stderr.strip().count("\n") == 0 and phrase in stderr
+    assert stderr.startswith("error: ") and "Traceback" not in stderr
 
 
 @pytest.mark.slow
@@ -79,9 +88,9 @@ def test_bundled_model_regression_guard(
     data_root: Path, model: str, min_auc: float, min_sensitivity: float, min_specificity: float
 ) -> None:
     """A shipped model, scored on the 624 real test images: a change that makes it worse fails."""
-    result = run("evaluate", "--model", model, "--data", str(data_root), "--json")
-    assert result.returncode == 0, result.stderr
-    payload = json.loads(result.stdout)
+    code, stdout, stderr = run("evaluate", "--model", model, "--data", str(data_root), "--json")
+    assert code == 0, stderr
+    payload = json.loads(stdout)
     assert payload["n"] == 624 and payload["model"] == model
     assert payload["auc"] >= min_auc
     detection = payload["operating_points"]["detection"]
@@ -104,7 +113,7 @@ def test_bundled_model_regression_guard(
 
 @pytest.mark.slow
 def test_benchmark_writes_table_plots_and_report(small_data: Path, tmp_path: Path) -> None:
-    result = run(
+    code, _, stderr = run(
         "benchmark",
         "--data",
         str(small_data),
@@ -117,7 +126,7 @@ def test_benchmark_writes_table_plots_and_report(small_data: Path, tmp_path: Pat
         "--device",
         "cpu",
     )
-    assert result.returncode == 0, result.stderr
+    assert code == 0, stderr
     table = (tmp_path / "results.md").read_text()
     assert "| dense |" in table and "| cnn |" in table and "detection" in table
     for name in ("roc.png", "confusion.png", "thresholds.png", "training.png", "calibration.png"):

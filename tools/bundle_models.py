@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from pneumoscan import bundle, train
+from pneumoscan import bundle
 from pneumoscan.models import MODEL_NAMES
+from pneumoscan.postfit import fit_postprocessing
 
 
 def main(data_root: Path, source: Path, names: list[str]) -> None:
@@ -26,7 +27,7 @@ def main(data_root: Path, source: Path, names: list[str]) -> None:
         target = bundle.bundled_dir() / name
         meta = {**model.meta, "name": name}
         bundle.save(target, model.network, meta, dtype=torch.float16, ood=model.scorer.guard)
-        shipped = train.fit_postprocessing(bundle.load(target), data_root)
+        shipped = fit_postprocessing(bundle.load(target), data_root)
         size = sum(p.stat().st_size for p in target.glob("*.safetensors")) / 2**20
         points = shipped.meta["operating_points"]
         print(

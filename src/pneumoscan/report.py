@@ -11,8 +11,7 @@ import numpy as np
 
 from pneumoscan.bundle import LoadedModel
 from pneumoscan.evaluate import Evaluation
-
-POINTS = ("balanced", "detection")
+from pneumoscan.metrics import POINTS
 
 
 def print_evaluations(results: list[Evaluation]) -> None:
