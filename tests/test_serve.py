@@ -18,7 +18,8 @@ from PIL import Image
 from pneumoscan import bundle, reader
 from pneumoscan.serve import create_app
 
-FIELDS = {"file", "probability", "label", "threshold", "mode", "ood", "ood_score", "error"}
+FIELDS_IN_ORDER = ("file", "probability", "label", "threshold", "mode", "ood", "ood_score", "error")
+FIELDS = set(FIELDS_IN_ORDER)
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 
 
@@ -59,13 +60,12 @@ def test_model_card_comes_from_model_json(client: TestClient, cnn_folder: Path) 
             point["validation"]["sensitivity"]
             == meta["operating_points"][name]["validation"]["sensitivity"]
         )
-        assert "test" not in point  # the tiny model's model.json has no test section
-    assert "test" not in card
     assert card["calibration"]["scale"] == meta["calibration"]["scale"]
     assert card["ood"]["threshold"] == meta["ood"]["threshold"]
     assert card["ood"]["validation_pass_rate"] == meta["ood"]["validation_pass_rate"]
     assert card["pneumoscan_version"] and card["format_version"] == 1
     assert card["limits"] == {"max_file_bytes": 20 * 1024 * 1024, "max_files": 20}
+    assert card["result_fields"] == list(FIELDS_IN_ORDER)  # the page's CSV columns
 
 
 def test_predict_scores_jpeg_png_and_dicom_and_reports_broken_files(

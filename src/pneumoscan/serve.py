@@ -147,6 +147,7 @@ def model_card(loaded: bundle.ModelCard, max_file_bytes: int, max_files: int) ->
         "pneumoscan_version": __version__,
         "format_version": meta["format_version"],
         "limits": {"max_file_bytes": max_file_bytes, "max_files": max_files},
+        "result_fields": list(screening.FIELDS),  # of each result, in the CSV's order
     }
 
 
