@@ -56,7 +56,7 @@ class ModelCard:
 
     @property
     def description(self) -> str:
-        """What the network is: `cnn`, `cnn x3` (an ensemble of seeds), `cnn x3 + transfer`."""
+        """What the network is: `cnn`, `cnn x3` (three heads on one trunk), `cnn x3 + transfer`."""
         return " + ".join(
             f"{architecture} x{args['members']}" if args.get("members", 1) > 1 else architecture
             for architecture, args in parts(self.meta)

@@ -37,7 +37,7 @@ class _OneLogit(nn.Module):
 
 
 def target_layers(network: nn.Module) -> list[nn.Module]:
-    """The last spatial activation of each head (of each member's, for an ensemble).
+    """The last spatial activation of each head (of each member's, for a joined model).
 
     Grad-CAM averages their maps, each scaled to the input's size.
     """

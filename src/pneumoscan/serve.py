@@ -135,7 +135,7 @@ def model_card(loaded: bundle.ModelCard, max_file_bytes: int, max_files: int) ->
         "name": loaded.name,
         "architecture": meta["architecture"],
         "description": loaded.description,  # e.g. "cnn x3 + transfer": what the model averages
-        "members": loaded.members,  # > 1: an ensemble
+        "members": loaded.members,  # > 1: several trained networks joined
         "input_size": loaded.input_size,
         "class_names": loaded.class_names,
         "operating_points": points,
