@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from pneumoscan import bundle, data, metrics, train
+from pneumoscan import data, metrics, model_folder, train
 from pneumoscan.config import TrainConfig, load_config, saved_config
 
 
@@ -144,11 +144,11 @@ def main() -> None:
             if not (folder / "model.json").exists():
                 cfg = recipe(family, seed, args.set)
                 train.train(cfg, args.data, folder, args.device, log=print, progress=False)
-            models[f"{label}-s{seed}"].append(bundle.load(folder))
+            models[f"{label}-s{seed}"].append(model_folder.load(folder))
 
     scored = {}  # input size -> (images, labels, split name): each model sees its own size
 
-    def logits_of(model: bundle.LoadedModel) -> np.ndarray:
+    def logits_of(model: model_folder.LoadedModel) -> np.ndarray:
         size = model.meta["input_size"]
         if size not in scored:
             images, labels, split = scored_split(args.data, model.meta, args.test)

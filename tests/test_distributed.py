@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumoscan import bundle
+from pneumoscan import model_folder
 
 
 @pytest.mark.slow
@@ -28,7 +28,7 @@ def test_ddp_with_two_cpu_processes_ends_with_one_set_of_weights(
     assert "all 2 processes hold identical weights" in result.stderr
     meta = json.loads((out / "model.json").read_text())
     assert meta["training"]["processes"] == 2
-    assert bundle.load(out).probabilities(np.zeros((1, 128, 128), np.uint8)).shape == (1,)
+    assert model_folder.load(out).probabilities(np.zeros((1, 128, 128), np.uint8)).shape == (1,)
 
 
 def test_a_single_process_is_rank_0_of_a_world_of_one() -> None:

@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumoscan import bundle, data
+from pneumoscan import data, model_folder
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.evaluate import evaluate
 from pneumoscan.metrics import POINTS
@@ -12,7 +12,7 @@ from pneumoscan.metrics import POINTS
 def test_a_split_is_scored_at_the_models_own_thresholds(
     tiny_models: dict[str, Path], small_data: Path
 ) -> None:
-    model = bundle.load(tiny_models["cnn"])
+    model = model_folder.load(tiny_models["cnn"])
     result = evaluate(model, small_data, "test", n_boot=100)
     images, kept = data.load_images(data.list_split(small_data, "test"), 128)
     probs = model.probabilities(images)
@@ -31,7 +31,7 @@ def test_a_split_is_scored_at_the_models_own_thresholds(
 def test_a_split_with_other_classes_or_one_class_is_refused(
     tiny_models: dict[str, Path], small_data: Path, tmp_path: Path
 ) -> None:
-    model = bundle.load(tiny_models["cnn"])
+    model = model_folder.load(tiny_models["cnn"])
     normals = sorted((small_data / "test" / "NORMAL").iterdir())[:2]
     for classes in (("CATS", "DOGS"), ("NORMAL", "PNEUMONIA")):
         root = tmp_path / "-".join(classes)

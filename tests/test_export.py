@@ -6,14 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan import bundle, runtime
+from pneumoscan import model_folder, runtime
 
 
 def test_bundled_onnx_stores_fp16_weights_exactly() -> None:
     import onnx
     from onnx import TensorProto
 
-    folder = bundle.bundled_dir() / "transfer"
+    folder = model_folder.bundled_dir() / "transfer"
     graph = onnx.load(str(folder / "model.onnx")).graph
     halves = [i for i in graph.initializer if i.data_type == TensorProto.FLOAT16]
     assert len(halves) > 100  # the network's weights, cast back to fp32 when the session starts

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from helpers import QUICK, quick, silent
 
-from pneumoscan import bundle, train
+from pneumoscan import model_folder, train
 from pneumoscan.config import load_config, load_plan
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.join import join_models, train_plan
@@ -18,14 +18,14 @@ def test_an_ensemble_of_seeds_scores_the_mean_of_its_members(
 
     cfg = quick("cnn", max_steps=4)
     joined = train_plan(cfg, [0, 1], small_data, tmp_path, device_name="cpu", log=silent)
-    members = [bundle.load(tmp_path / f"seed-{s}") for s in (0, 1)]
+    members = [model_folder.load(tmp_path / f"seed-{s}") for s in (0, 1)]
     assert joined.meta["model_args"]["members"] == 2
     assert [m["seed"] for m in joined.meta["training"]["members"]] == [0, 1]
     images = np.stack([reader.load(f, 128) for f in xray_files])
     mean = np.mean([m.raw_scores(images)[0] for m in members], axis=0)
     assert np.allclose(joined.raw_scores(images)[0], mean, atol=1e-5)
     # The joined folder is a model like any other: ONNX, heatmaps, refit thresholds.
-    again = bundle.load(tmp_path)
+    again = model_folder.load(tmp_path)
     assert (
         np.abs(runtime.load(tmp_path).probabilities(images) - again.probabilities(images)).max()
         < 1e-4
@@ -52,9 +52,9 @@ def test_a_mixture_of_families_scores_the_mean_and_shares_the_guard_trunk(
     assert joined.meta["architecture"] == "mixture" and joined.name == "cnn+transfer"
     assert joined.description == "cnn + transfer" and joined.members == 2
     images = np.stack([reader.load(f, 128) for f in xray_files])
-    members = [bundle.load(f) for f in folders]
+    members = [model_folder.load(f) for f in folders]
     mean = np.mean([m.raw_scores(images)[0] for m in members], axis=0)
-    loaded = bundle.load(tmp_path / "mix")
+    loaded = model_folder.load(tmp_path / "mix")
     logits, distances = loaded.raw_scores(images)
     assert np.allclose(logits, mean, atol=1e-5)
     # The transfer member's frozen trunk is the guard's: it runs once, and gives its distances.
@@ -94,7 +94,7 @@ def test_two_recipes_of_one_network_share_its_trunk_and_join_a_mixture(
     recorded = [m["config"]["augment"]["scale"] for m in heads.meta["training"]["members"]]
     assert recorded == [cfg.augment["scale"], 0.25]
     images = np.stack([reader.load(f, 128) for f in xray_files])
-    t1, t2, c = (bundle.load(f).raw_scores(images)[0] for f in [*folders, tiny_models["cnn"]])
+    t1, t2, c = (model_folder.load(f).raw_scores(images)[0] for f in [*folders, tiny_models["cnn"]])
     assert np.allclose(heads.raw_scores(images)[0], (t1 + t2) / 2, atol=1e-5)
     mix = join_models([tiny_models["cnn"], tmp_path / "heads"], small_data, tmp_path / "mix")
     assert mix.meta["architecture"] == "mixture" and mix.description == "cnn + transfer x2"
@@ -112,11 +112,11 @@ def test_a_cnn_with_zoom_views_joins_exports_and_explains(
     zoomed = train.train(cfg, small_data, tmp_path / "zoom", "cpu", log=silent, progress=False)
     assert zoomed.network.views is not None and len(zoomed.network.views) == 3
     joined = join_models([tmp_path / "zoom", tiny_models["transfer"]], small_data, tmp_path / "mix")
-    loaded = bundle.load(tmp_path / "mix")
+    loaded = model_folder.load(tmp_path / "mix")
     images = np.stack([reader.load(f, 128) for f in xray_files])
     mean = np.mean(
         [
-            bundle.load(f).raw_scores(images)[0]
+            model_folder.load(f).raw_scores(images)[0]
             for f in (tmp_path / "zoom", tiny_models["transfer"])
         ],
         axis=0,
@@ -133,7 +133,7 @@ def test_one_call_trains_several_families_and_joins_them(small_data: Path, tmp_p
     joined = train_plan(configs, [0, 1], small_data, tmp_path, log=silent)
     assert joined.description == "dense x2 + cnn x2" and joined.members == 4
     for name in ("dense", "cnn"):
-        family = bundle.load(tmp_path / name)
+        family = model_folder.load(tmp_path / name)
         assert family.members == 2 and (tmp_path / name / "seed-1" / "model.json").is_file()
     with pytest.raises(PneumoscanError, match="already holds"):
         train_plan(configs, [0, 1], small_data, tmp_path, log=silent)
@@ -153,10 +153,10 @@ def test_the_default_plan_trains_in_one_call_and_weighs_its_members(
     heads = tmp_path / "transfer+transfer-wide"
     parts = [tmp_path / "cnn", heads / "transfer", heads / "transfer-wide"]
     images = np.stack([reader.load(f, 128) for f in xray_files])
-    logits = [bundle.load(f).raw_scores(images)[0] for f in parts]
+    logits = [model_folder.load(f).raw_scores(images)[0] for f in parts]
     expected = logits[0] / 2 + logits[1] / 4 + logits[2] / 4
     assert np.allclose(joined.raw_scores(images)[0], expected, atol=1e-5)
-    two = bundle.load(heads).meta
+    two = model_folder.load(heads).meta
     assert two["model_args"]["members"] == 2  # one trunk, two heads
     assert [m["config"]["augment"]["scale"] for m in two["training"]["members"]] == [0.1, 0.25]
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscan import bundle, data, metrics, postfit
+from pneumoscan import data, metrics, model_folder, postfit
 from pneumoscan.config import saved_config
 from pneumoscan.errors import PneumoscanError
 
@@ -12,7 +12,7 @@ def test_refitting_gives_the_calibration_and_thresholds_of_the_validation_logits
     tiny_models: dict[str, Path], small_data: Path, tmp_path: Path
 ) -> None:
     folder = Path(shutil.copytree(tiny_models["cnn"], tmp_path / "cnn"))
-    model = postfit.fit_postprocessing(bundle.load(folder), small_data)
+    model = postfit.fit_postprocessing(model_folder.load(folder), small_data)
     cfg = saved_config(model.meta)
     d = data.training_data(
         small_data, cfg.image_size, cfg.val_fraction, cfg.split_seed, cfg.val_design
@@ -34,4 +34,4 @@ def test_other_data_than_the_model_was_trained_on_is_refused(
         for f in sorted(class_dir.iterdir())[:-1]:  # one image fewer of each class
             (other / "train" / class_dir.name / f.name).symlink_to(f.resolve())
     with pytest.raises(PneumoscanError, match="fingerprint differs"):
-        postfit.fit_postprocessing(bundle.load(tiny_models["cnn"]), other)
+        postfit.fit_postprocessing(model_folder.load(tiny_models["cnn"]), other)

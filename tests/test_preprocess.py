@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscan import bundle, preprocess, reader
+from pneumoscan import model_folder, preprocess, reader
 from pneumoscan.errors import PneumoscanError
 
 
@@ -40,17 +40,17 @@ def test_a_model_whose_preprocessing_this_reader_cannot_reproduce_is_refused(
     meta["preprocessing"][key] = value
     (folder / "model.json").write_text(json.dumps(meta))
     with pytest.raises(PneumoscanError, match=f"preprocessing {key}"):
-        bundle.read_card(folder)
+        model_folder.read_card(folder)
 
 
 def test_a_record_written_before_the_version_was_stored_reads_as_reader_1(
     tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
     """The bundled models' model.json holds the prose record of reader 1."""
-    bundled = bundle.read_card("cnn").meta["preprocessing"]
+    bundled = model_folder.read_card("cnn").meta["preprocessing"]
     assert "reader_version" not in bundled and reader.VERSION == 1
     folder = Path(shutil.copytree(tiny_models["cnn"], tmp_path / "cnn"))
     meta = json.loads((folder / "model.json").read_text())
     meta["preprocessing"] = bundled
     (folder / "model.json").write_text(json.dumps(meta))
-    assert bundle.load(folder).input_size == 128
+    assert model_folder.load(folder).input_size == 128

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumoscan import bundle, data, predict, runtime
+from pneumoscan import data, model_folder, predict, runtime
 from pneumoscan.errors import PneumoscanError
 
 
 @pytest.mark.slow
 def test_onnx_matches_torch_on_real_test_images(data_root: Path) -> None:
-    model = bundle.load("transfer")
+    model = model_folder.load("transfer")
     listed = data.list_split(data_root, "test")
     images, _ = data.load_images(listed, model.input_size)
     images = np.asarray(images[::3])  # 208 images of both classes
@@ -28,7 +28,7 @@ def test_onnx_matches_torch_on_real_test_images(data_root: Path) -> None:
 
 
 def test_onnx_backend_through_predict(tiny_models: dict[str, Path], xray_files: list[Path]) -> None:
-    torch_results = list(predict.predict(bundle.load(tiny_models["cnn"]), xray_files))
+    torch_results = list(predict.predict(model_folder.load(tiny_models["cnn"]), xray_files))
     onnx_results = list(predict.predict(runtime.load(tiny_models["cnn"]), xray_files))
     for a, b in zip(torch_results, onnx_results, strict=True):
         assert a.label == b.label and abs(a.probability - b.probability) < 1e-4 and a.ood == b.ood

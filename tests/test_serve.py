@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from helpers import dicom_bytes, dicom_dataset
 from PIL import Image
 
-from pneumoscan import bundle, reader
+from pneumoscan import model_folder, reader
 from pneumoscan.serve import create_app
 
 FIELDS_IN_ORDER = ("file", "probability", "label", "threshold", "mode", "ood", "ood_score", "error")
@@ -48,7 +48,7 @@ def test_health(client: TestClient) -> None:
 
 
 def test_model_card_comes_from_model_json(client: TestClient, cnn_folder: Path) -> None:
-    meta = bundle.load(cnn_folder).meta
+    meta = model_folder.load(cnn_folder).meta
     card = client.get("/api/v1/model").json()
     assert card["name"] == meta["name"] and card["architecture"] == "cnn" and card["members"] == 1
     assert card["input_size"] == meta["input_size"]
@@ -128,7 +128,7 @@ def test_heatmaps_are_png_when_asked(client: TestClient, xray_files: list[Path])
 def test_mode_picks_the_operating_point(
     client: TestClient, cnn_folder: Path, xray_files: list[Path]
 ) -> None:
-    points = bundle.load(cnn_folder).meta["operating_points"]
+    points = model_folder.load(cnn_folder).meta["operating_points"]
     for mode in ("detection", "balanced"):
         response = client.post(f"/api/v1/predict?mode={mode}", files=jpegs(xray_files[:1]))
         result = response.json()["results"][0]
@@ -301,7 +301,7 @@ def test_serve_with_an_unknown_model_is_one_line_and_exit_1(tmp_path: Path) -> N
 
 
 @pytest.mark.skipif(
-    not (bundle.bundled_dir() / "transfer" / "model.json").is_file(),
+    not (model_folder.bundled_dir() / "transfer" / "model.json").is_file(),
     reason="the bundled transfer model is not installed",
 )
 def test_bundled_transfer_flags_a_photograph_as_not_an_xray(xray_files: list[Path]) -> None:

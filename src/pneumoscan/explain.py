@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from pneumoscan import bundle, preprocess
+from pneumoscan import model_folder, preprocess
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.models import MeanOfHeads
 
@@ -63,7 +63,9 @@ def target_layer(head: nn.Sequential) -> nn.Module:
     return layers[index]
 
 
-def heatmap(model: bundle.LoadedModel, image: np.ndarray, label: str | None = None) -> np.ndarray:
+def heatmap(
+    model: model_folder.LoadedModel, image: np.ndarray, label: str | None = None
+) -> np.ndarray:
     """Grad-CAM map of the evidence for `label` (default PNEUMONIA): float32 (S, S) in [0, 1].
 
     `image` is the model-ready uint8 (S, S) array. For a NORMAL result the map shows the

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from pneumoscan import bundle, distributed, postfit
+from pneumoscan import distributed, model_folder, postfit
 from pneumoscan.checkpoint import CHECKPOINT_FILE
 from pneumoscan.config import Plan, TrainConfig, saved_config
 from pneumoscan.errors import PneumoscanError
@@ -33,23 +33,23 @@ def join_models(
     out_dir: Path,
     name: str | None = None,
     force: bool = False,
-) -> bundle.LoadedModel:
+) -> model_folder.LoadedModel:
     """Trained models (at least two, of the same data and split) -> one model in `out_dir`."""
     if len(folders) < 2:
         raise PneumoscanError("join: give at least two model folders")
-    if (Path(out_dir) / bundle.META_FILE).exists() and not force:
+    if (Path(out_dir) / model_folder.META_FILE).exists() and not force:
         raise PneumoscanError(
             f"--out {out_dir}: already holds a model; pass --force to overwrite it"
         )
     for folder in folders:
-        bundle.resolve(folder, "join")
+        model_folder.resolve(folder, "join")
     return _join(folders, data_root, Path(out_dir), name)
 
 
 def _join(folders: list[Path], data_root: Path, out_dir: Path, name: str | None):
     from pneumoscan.models import heads_on_one_trunk, mixture, share_trunk
 
-    members = [bundle.load(f) for f in folders]
+    members = [model_folder.load(f) for f in folders]
     first = members[0]
     for folder, m in zip(folders, members, strict=True):
         if m.meta["architecture"] == "mixture":
@@ -76,11 +76,11 @@ def _join(folders: list[Path], data_root: Path, out_dir: Path, name: str | None)
         network = mixture([m.network for m in members], specs)
     if name is not None:
         meta["name"] = name
-    bundle.save(out_dir, network, meta)
-    return postfit.fit_postprocessing(bundle.load(out_dir), data_root)
+    model_folder.save(out_dir, network, meta)
+    return postfit.fit_postprocessing(model_folder.load(out_dir), data_root)
 
 
-def _joined_meta(folders: list[Path], members: list[bundle.LoadedModel]) -> dict:
+def _joined_meta(folders: list[Path], members: list[model_folder.LoadedModel]) -> dict:
     """The first member's model.json with the members listed; post-fitting adds the rest."""
     first = members[0]
     configs = [asdict(saved_config(m.meta)) for m in members]
@@ -128,7 +128,7 @@ def train_plan(
     log: Callable[[str], None] = print,
     name: str | None = None,
     **options,
-) -> bundle.LoadedModel | None:
+) -> model_folder.LoadedModel | None:
     """Train each recipe of `plan` once per seed, then join all of them into one model in OUT.
 
     One recipe (a config): members in OUT/seed-N. Several groups (a mixture, e.g. `cnn` and
@@ -174,7 +174,7 @@ def _built(run: _PlanRun, groups: Plan, folder: Path) -> Path:
 
 def _member(run: _PlanRun, recipe: TrainConfig, seed: int, folder: Path) -> Path:
     """One recipe trained with one seed in `folder` (kept as it is when resuming a plan)."""
-    if run.resume and (folder / bundle.META_FILE).exists():
+    if run.resume and (folder / model_folder.META_FILE).exists():
         run.log(f"member {recipe.model} seed {seed}: kept the model already in {folder}")
         return folder
     run.log(f"== member {recipe.model} seed {seed} in {folder}")

@@ -13,13 +13,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumoscan import bundle, data, guard, metrics
+from pneumoscan import data, guard, metrics, model_folder
 from pneumoscan.config import saved_config
 from pneumoscan.device import trunk_features
 from pneumoscan.errors import PneumoscanError
 
 
-def fit_postprocessing(model: bundle.LoadedModel, data_root: Path) -> bundle.LoadedModel:
+def fit_postprocessing(
+    model: model_folder.LoadedModel, data_root: Path
+) -> model_folder.LoadedModel:
     """Fit the guard, calibration and operating points of `model`; save and reload it."""
     cfg = saved_config(model.meta)
     d = data.training_data(
@@ -29,7 +31,7 @@ def fit_postprocessing(model: bundle.LoadedModel, data_root: Path) -> bundle.Loa
         raise PneumoscanError(
             f"{data_root}: not the data this model was trained on (fingerprint differs)"
         )
-    if bundle.shares_guard_trunk(model.meta):
+    if model_folder.shares_guard_trunk(model.meta):
         trunk = model.network.trunk  # a mixture's: that of its member which shares it
     else:
         from pneumoscan.models import imagenet_trunk
@@ -53,14 +55,14 @@ def fit_postprocessing(model: bundle.LoadedModel, data_root: Path) -> bundle.Loa
         "threshold": ood_threshold,
         "validation_pass_rate": pass_rate,
     }
-    bundle.save(
+    model_folder.save(
         model.folder,
         model.network,
         meta,  # save() renews the rest
         dtype=getattr(torch, model.meta["weights"]["dtype"]),
         ood=ood,
     )
-    return bundle.load(model.folder)
+    return model_folder.load(model.folder)
 
 
 def _pooled(trunk, images: np.ndarray, idx: np.ndarray, batch_size: int) -> np.ndarray:

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscan import reader
-from pneumoscan.bundle import LoadedModel, ModelCard
 from pneumoscan.data import IMAGE_SUFFIXES
 from pneumoscan.errors import ImageReadError, PneumoscanError
+from pneumoscan.model_folder import LoadedModel, ModelCard
 
 FIELDS = ("file", "probability", "label", "threshold", "mode", "ood", "ood_score", "error")
 

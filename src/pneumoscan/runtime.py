@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from pneumoscan import bundle
+from pneumoscan import model_folder
 from pneumoscan.data import cache_dir
 from pneumoscan.errors import PneumoscanError
 
 
 @dataclass
-class OnnxModel(bundle.ModelCard):
+class OnnxModel(model_folder.ModelCard):
     """A model card with an ONNX Runtime session."""
 
     session: Any
@@ -32,7 +32,7 @@ class OnnxModel(bundle.ModelCard):
 
 def load(model: str | Path, threads: int | None = None) -> OnnxModel:
     """A bundled model or model folder, ready to score with ONNX Runtime."""
-    card = bundle.read_card(model)
+    card = model_folder.read_card(model)
     if "onnx" in card.meta:
         path = card.file("onnx")
         for key in card.meta["onnx"].get("external", []):
@@ -43,7 +43,7 @@ def load(model: str | Path, threads: int | None = None) -> OnnxModel:
         if not path.exists():
             from pneumoscan.export import export_onnx
 
-            loaded = bundle.load(model)
+            loaded = model_folder.load(model)
             export_onnx(loaded.scorer, loaded.input_size, path)
     return OnnxModel(card.name, card.folder, card.meta, session(path, threads))
 

@@ -24,7 +24,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pneumoscan import __version__, bundle, runtime
+from pneumoscan import __version__, model_folder, runtime
 from pneumoscan import predict as screening
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.metrics import POINTS
@@ -56,7 +56,7 @@ def create_app(
     A client that sends no part of its unfinished request body for `body_timeout` s gets a 408.
     """
     loaded = runtime.load(model)  # scores with ONNX Runtime: fast, and no torch in memory
-    explainer = functools.cache(lambda: bundle.load(model))  # torch: for the first heatmap
+    explainer = functools.cache(lambda: model_folder.load(model))  # torch: for the first heatmap
     card = model_card(loaded, max_file_bytes, max_files)
     lock = threading.Lock()
     app = FastAPI(
@@ -123,7 +123,7 @@ def create_app(
     return app
 
 
-def model_card(loaded: bundle.ModelCard, max_file_bytes: int, max_files: int) -> dict:
+def model_card(loaded: model_folder.ModelCard, max_file_bytes: int, max_files: int) -> dict:
     """What model.json says about a model that its users need, plus this server's limits."""
     meta = loaded.meta
     ood = meta.get("ood")

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pneumoscan import bundle, checkpoint, data, distributed, metrics, postfit
+from pneumoscan import checkpoint, data, distributed, metrics, model_folder, postfit
 from pneumoscan.augment import augment, soft_targets
 from pneumoscan.config import TrainConfig
 from pneumoscan.device import autocast, pick_device, to_input, trunk_features
@@ -103,7 +103,7 @@ def train(
     log: Callable[[str], None] = print,
     progress: bool = True,
     devices: int = 1,
-) -> bundle.LoadedModel | None:
+) -> model_folder.LoadedModel | None:
     """Train one model and write it to `out_dir` as a model folder.
 
     With `devices` > 1, that many processes train it together (distributed.py).
@@ -120,7 +120,7 @@ def train(
             cfg=cfg, data_root=data_root, out_dir=out_dir, resume=resume, log=log, progress=progress
         )
         distributed.spawn(train, devices, device, options)
-        return bundle.load(out_dir)
+        return model_folder.load(out_dir)
     rank, world, device = distributed.join_process_group(device)
     if rank != 0:
         log, progress = _silent, False
@@ -178,7 +178,7 @@ def train(
 
 def check_out_dir(out_dir: Path, resume: bool, force: bool) -> None:
     """Refuse to train over a model already in `out_dir`, unless resuming or forced."""
-    if (out_dir / bundle.META_FILE).exists() and not (resume or force):
+    if (out_dir / model_folder.META_FILE).exists() and not (resume or force):
         raise PneumoscanError(
             f"{out_dir} already holds a trained model; pass --force to overwrite it"
         )
@@ -397,13 +397,13 @@ def _save_best(
     data_root: Path,
     wall: float,
     log: Callable[[str], None],
-) -> bundle.LoadedModel:
+) -> model_folder.LoadedModel:
     """The best epoch's network as a model folder, with its guard, calibration and thresholds."""
     run.network.load_state_dict(state.best_state)
     meta = _describe(run, state, wall)
     run.network.to("cpu")
-    bundle.save(out_dir, run.network, meta)
-    loaded = postfit.fit_postprocessing(bundle.load(out_dir), data_root)
+    model_folder.save(out_dir, run.network, meta)
+    loaded = postfit.fit_postprocessing(model_folder.load(out_dir), data_root)
     ood = loaded.meta["ood"]
     log(
         f"saved {out_dir} (best epoch {state.best_epoch}, validation AUC "

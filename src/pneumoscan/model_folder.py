@@ -1,4 +1,5 @@
-"""A trained model as a self-describing folder: weights, guard, an ONNX graph and `model.json`.
+"""Any trained model as a self-describing folder (the bundled ones too): weights, guard, an ONNX
+graph and `model.json`.
 
 Whoever loads the folder needs nothing else to preprocess, calibrate, threshold and label.
 Loading reads tensors and JSON only: nothing is ever unpickled. This module imports torch only
