@@ -104,3 +104,23 @@ def silent(_: str) -> None:
 
 class Interrupt(Exception):
     """Raised from a log callback to stop a training run as a crash would."""
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """`pneumoscan ARGS` in this process, through the console entry point: (exit code, stdout,
+    stderr)."""
+    from typer.testing import CliRunner
+
+    from pneumoscan import cli
+
+    runner = CliRunner()
+    with runner.isolation() as (stdout, stderr, _):
+        argv, sys.argv = sys.argv, ["pneumoscan", *args]
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        finally:
+            sys.argv = argv
+        return code, stdout.getvalue().decode(), stderr.getvalue().decode()

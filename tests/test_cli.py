@@ -1,27 +1,8 @@
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from pneumoscan import cli
-
-
-def run(*args: str) -> tuple[int, str, str]:
-    """`pneumoscan ARGS` in this process, through the console entry point: (exit code, stdout,
-    stderr)."""
-    runner = CliRunner()
-    with runner.isolation() as (stdout, stderr, _):
-        argv, sys.argv = sys.argv, ["pneumoscan", *args]
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        finally:
-            sys.argv = argv
-        return code, stdout.getvalue().decode(), stderr.getvalue().decode()
+from helpers import run_cli as run
 
 
 @pytest.mark.parametrize("command", ["train", "join", "evaluate", "benchmark"])

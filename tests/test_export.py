@@ -1,10 +1,9 @@
 """ONNX export: the graph holds the weights that ship, once, and takes any batch size."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+from helpers import run_cli
 
 from pneumoscan import model_folder, runtime
 
@@ -31,21 +30,13 @@ def test_export_command_writes_a_dynamic_batch_model(
     tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
     target = tmp_path / "model.onnx"
-    command = [
-        sys.executable,
-        "-m",
-        "pneumoscan",
-        "export",
-        "--model",
-        str(tiny_models["dense"]),
-        "--onnx",
-        str(target),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    args = ("export", "--model", str(tiny_models["dense"]), "--onnx", str(target))
+    code, stdout, stderr = run_cli(*args)
+    assert code == 0, stderr
+    assert "wrote" in stdout and "'image' (N, 1, 128, 128)" in stdout
     graph = runtime.session(target)
     for n in (1, 5):
         logits, distances = graph.run(None, {"image": np.zeros((n, 1, 128, 128), np.float32)})
         assert logits.shape == (n,) and distances.shape == (n,)
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 1 and "--force" in again.stderr
+    code, _, stderr = run_cli(*args)
+    assert code == 1 and "--force" in stderr

@@ -11,6 +11,7 @@ from pneumoscan.errors import PneumoscanError
 from pneumoscan.join import join_models, train_plan
 
 
+@pytest.mark.slow
 def test_an_ensemble_of_seeds_scores_the_mean_of_its_members(
     small_data: Path, tmp_path: Path, xray_files: list[Path]
 ) -> None:
@@ -42,6 +43,7 @@ def test_an_ensemble_of_seeds_scores_the_mean_of_its_members(
         shutil.rmtree(tmp_path / "other")
 
 
+@pytest.mark.slow
 def test_a_mixture_of_families_scores_the_mean_and_shares_the_guard_trunk(
     tiny_models: dict[str, Path], small_data: Path, tmp_path: Path, xray_files: list[Path]
 ) -> None:
@@ -75,6 +77,7 @@ def test_a_mixture_of_families_scores_the_mean_and_shares_the_guard_trunk(
         join_models([tmp_path / "mix", tiny_models["cnn"]], small_data, tmp_path / "x")
 
 
+@pytest.mark.slow
 def test_two_recipes_of_one_network_share_its_trunk_and_join_a_mixture(
     tiny_models: dict[str, Path], small_data: Path, tmp_path: Path, xray_files: list[Path]
 ) -> None:
@@ -103,6 +106,7 @@ def test_two_recipes_of_one_network_share_its_trunk_and_join_a_mixture(
     assert np.abs(onnx.probabilities(images) - mix.probabilities(images)).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_a_cnn_with_zoom_views_joins_exports_and_explains(
     tiny_models: dict[str, Path], small_data: Path, tmp_path: Path, xray_files: list[Path]
 ) -> None:
@@ -128,6 +132,7 @@ def test_a_cnn_with_zoom_views_joins_exports_and_explains(
     assert cam.shape == (128, 128) and cam.max() > 0
 
 
+@pytest.mark.slow
 def test_one_call_trains_several_families_and_joins_them(small_data: Path, tmp_path: Path) -> None:
     configs = load_plan("dense,cnn", **QUICK, max_steps=2)
     joined = train_plan(configs, [0, 1], small_data, tmp_path, log=silent)
@@ -141,6 +146,7 @@ def test_one_call_trains_several_families_and_joins_them(small_data: Path, tmp_p
     assert single.description == "dense + cnn"  # one seed: each member a single model
 
 
+@pytest.mark.slow
 def test_the_default_plan_trains_in_one_call_and_weighs_its_members(
     small_data: Path, tmp_path: Path, xray_files: list[Path]
 ) -> None:

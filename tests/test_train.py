@@ -49,6 +49,7 @@ def test_training_is_deterministic_for_a_seed_on_cpu(small_data: Path, tmp_path:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ema", [0.0, 0.9])
 def test_an_interrupted_run_resumes_to_the_same_weights(
     small_data: Path, tmp_path: Path, ema: float
@@ -117,6 +118,7 @@ def test_layer_wise_rates_fall_by_the_decay_from_the_output_down() -> None:
     assert {g["lr"] for g in train.layer_groups(network, 1e-3, 1.0)} == {1e-3}
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_on_fresh_augmentations_with_ema(small_data: Path, tmp_path: Path) -> None:
     """No feature cache: every stage of the base trains, the stem stays ImageNet's, and the
     weights kept are the moving average, not the last step's."""
