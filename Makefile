@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PNEUMOSCAN_DATA ?= ./data/chest_xray
 export PNEUMOSCAN_DATA
 
-.PHONY: run test lint format clean browser dicom-tools stress
+.PHONY: run test test-fast lint format clean browser dicom-tools stress
 
 $(BIN)/pneumoscan: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(BIN)/pneumoscan: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-## Evaluate the three bundled models on the test split of $PNEUMOSCAN_DATA.
+## Evaluate the four bundled models (dense, cnn, transfer, ensemble) on the test split of $PNEUMOSCAN_DATA.
 run: $(BIN)/pneumoscan
 	@if [ ! -d "$(PNEUMOSCAN_DATA)/test" ]; then \
 	  echo "error: no data at $(PNEUMOSCAN_DATA) (set PNEUMOSCAN_DATA=DIR)." >&2; \
@@ -31,6 +31,10 @@ stress: $(BIN)/pneumoscan
 ## Lint, then the whole test suite (pytest's "no tests collected" counts as a failure).
 test: $(BIN)/pneumoscan lint browser dicom-tools
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
+
+## The development loop: every test not marked slow (no lint, no browser install).
+test-fast: $(BIN)/pneumoscan
+	$(BIN)/python -m pytest -q -m "not slow"
 
 ## Debian's Chromium for tests/test_browser.py (Playwright drives it; no browser is downloaded).
 ## Without root or apt the browser test is skipped, and the build goes on.

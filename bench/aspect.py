@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from ensembles import framings, reframed, scored_split
 
-from pneumoscan import bundle
+from pneumoscan import model_folder
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--zoom", action="store_true", help="zoom by each ratio instead")
     args = parser.parse_args()
 
-    model = bundle.load(args.model)
+    model = model_folder.load(args.model)
     images, labels, _ = scored_split(args.data, model.meta, test=False)
     print(f"{args.model}, {len(labels)} validation images ({int((labels == 0).sum())} normal)")
     print(

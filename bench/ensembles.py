@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from pneumoscan import bundle, data, metrics, train
+from pneumoscan import data, metrics, model_folder, train
+from pneumoscan.config import TrainConfig, load_config, saved_config
 
 
 def specificity_at_sensitivity(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
@@ -48,11 +49,11 @@ def specificity_at_sensitivity(labels: np.ndarray, scores: np.ndarray, target: f
 
 def scored_split(root: Path, meta: dict, test: bool) -> tuple[np.ndarray, np.ndarray, str]:
     """Images, labels and name of what a model is judged on: its own validation split, or test."""
-    cfg = train.TrainConfig(**meta["training"]["config"])
+    cfg = saved_config(meta)
     if test:
         images, kept = data.load_images(data.list_split(root, "test"), cfg.image_size)
         return np.asarray(images), kept.labels, "test"
-    d = train._prepare_data(root, cfg)
+    d = data.training_data(root, cfg.image_size, cfg.val_fraction, cfg.split_seed, cfg.val_design)
     return np.asarray(d.images[d.val_idx]), d.labels[d.val_idx], "validation"
 
 
@@ -93,8 +94,8 @@ def _pixels(views: list[torch.Tensor]) -> np.ndarray:
     return torch.cat(views)[:, 0].round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def recipe(family: str, seed: int, changes: list[str]) -> train.TrainConfig:
-    cfg = train.load_config(family, seed=seed)
+def recipe(family: str, seed: int, changes: list[str]) -> TrainConfig:
+    cfg = load_config(family, seed=seed)
     for change in changes:
         key, value = change.split("=", 1)
         *parents, leaf = key.split(".")
@@ -143,11 +144,11 @@ def main() -> None:
             if not (folder / "model.json").exists():
                 cfg = recipe(family, seed, args.set)
                 train.train(cfg, args.data, folder, args.device, log=print, progress=False)
-            models[f"{label}-s{seed}"].append(bundle.load(folder))
+            models[f"{label}-s{seed}"].append(model_folder.load(folder))
 
     scored = {}  # input size -> (images, labels, split name): each model sees its own size
 
-    def logits_of(model: bundle.LoadedModel) -> np.ndarray:
+    def logits_of(model: model_folder.LoadedModel) -> np.ndarray:
         size = model.meta["input_size"]
         if size not in scored:
             images, labels, split = scored_split(args.data, model.meta, args.test)

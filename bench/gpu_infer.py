@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.io import ImageReadMode
 
-from pneumoscan import bundle
+from pneumoscan import model_folder
 
 
 def timed(fn, rounds: int = 5) -> float:
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
 
-    model = bundle.load(args.model)
+    model = model_folder.load(args.model)
     size = model.input_size
     scorer = model.scorer.cuda().eval().to(memory_format=torch.channels_last)
     if args.compile:

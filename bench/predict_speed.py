@@ -30,7 +30,8 @@ import record
 import torch
 from torch import nn
 
-from pneumoscan import bundle, predict, runtime
+from pneumoscan import model_folder, predict, runtime
+from pneumoscan.export import export_onnx
 
 
 class Peer(nn.Module):
@@ -47,7 +48,7 @@ class Peer(nn.Module):
         return logits, torch.zeros_like(logits)
 
 
-def peer_models(name: str, folder: Path) -> dict[str, bundle.ModelCard]:
+def peer_models(name: str, folder: Path) -> dict[str, model_folder.ModelCard]:
     """Both backends of a peer, behind the same ModelCard interface as a bundled model."""
     scorer = Peer(name).eval()
     meta = {
@@ -55,8 +56,8 @@ def peer_models(name: str, folder: Path) -> dict[str, bundle.ModelCard]:
         "class_names": ["NORMAL", "PNEUMONIA"],
         "operating_points": {"detection": {"threshold": 0.5}},
     }
-    torch_model = bundle.LoadedModel(name, folder, meta, scorer.net, scorer)
-    path = runtime.export(scorer, 224, folder / f"{name}.onnx")
+    torch_model = model_folder.LoadedModel(name, folder, meta, scorer.net, scorer)
+    path = export_onnx(scorer, 224, folder / f"{name}.onnx")
     onnx_model = runtime.OnnxModel(name, folder, meta, runtime.session(path))
     return {"torch": torch_model, "onnx": onnx_model}
 
@@ -96,7 +97,7 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
     return max(rates)
 
 
-def measure(model: bundle.ModelCard, files: list[Path], args: argparse.Namespace) -> dict:
+def measure(model: model_folder.ModelCard, files: list[Path], args: argparse.Namespace) -> dict:
     list(predict.predict(model, files[: args.batch_size * 2], batch_size=args.batch_size))
     rates = []
     for _ in range(args.repeats):
@@ -134,7 +135,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         candidates = []
         for name in filter(None, args.models.split(",")):
-            loaded = bundle.load(name)
+            loaded = model_folder.load(name)
             flops = flops_per_image(loaded.scorer, loaded.input_size)
             backends = {"torch": loaded, "onnx": runtime.load(name)}
             candidates.append((name, 128, flops, backends, files))

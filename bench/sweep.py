@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 from ensembles import recipe  # bench/ is the script's folder, so on its path
 
-from pneumoscan import train
+from pneumoscan import data, train
 
 
 def noise_sensitivity(model, images: np.ndarray) -> np.ndarray:
@@ -52,7 +52,9 @@ def main() -> None:
                     cfg, args.data, Path(out), args.device, log=lambda _: None, progress=False
                 )
             walls.append(time.perf_counter() - start)
-            d = train._prepare_data(args.data, cfg)
+            d = data.training_data(
+                args.data, cfg.image_size, cfg.val_fraction, cfg.split_seed, cfg.val_design
+            )
             dp = noise_sensitivity(model, np.asarray(d.images[d.val_idx]))
             noise_mean.append(float(dp.mean()))
             noise_p99.append(float(np.quantile(dp, 0.99)))

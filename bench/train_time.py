@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from pneumoscan import train
+from pneumoscan.config import load_config
 from pneumoscan.evaluate import evaluate
 
 
@@ -26,7 +27,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
     for name in args.models.split(","):
-        cfg = train.load_config(name, seed=args.seed)
+        cfg = load_config(name, seed=args.seed)
         start = time.perf_counter()
         model = train.train(
             cfg,

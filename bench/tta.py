@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from ensembles import scored_split, specificity_at_sensitivity
 
-from pneumoscan import bundle, metrics, runtime, train
+from pneumoscan import metrics, model_folder, runtime
+from pneumoscan.join import split_of
 
 SHIFT = 0.04 * 2  # affine_grid's units: the image spans [-1, 1]
 VIEWS = {
@@ -53,8 +54,8 @@ def main() -> None:
     for entry in args.family:
         name, _, folders = entry.partition("=")
         families[name] = [Path(f) for f in folders.split(",")]
-    cards = {f: bundle.read_card(f) for fs in families.values() for f in fs}
-    if len({train.split_of(c.meta) for c in cards.values()}) > 1:
+    cards = {f: model_folder.read_card(f) for fs in families.values() for f in fs}
+    if len({split_of(c.meta) for c in cards.values()}) > 1:
         parser.error("the models were trained on different validation splits")
     images, labels, split = scored_split(args.data, next(iter(cards.values())).meta, args.test)
     x = torch.from_numpy(images.astype(np.float32)[:, None] / 255.0)

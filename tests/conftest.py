@@ -74,13 +74,12 @@ def xray_files(data_root: Path) -> list[Path]:
 def tiny_models(small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Each model trained for a few steps on the small real subset (fast, not accurate)."""
     from pneumoscan import train
+    from pneumoscan.config import load_config
 
     out = tmp_path_factory.mktemp("models")
     folders = {}
     for name in ("dense", "cnn", "transfer"):
-        cfg = train.load_config(
-            name, max_steps=6, batch_size=32, feature_views=1, val_fraction=0.25
-        )
+        cfg = load_config(name, max_steps=6, batch_size=32, feature_views=1, val_fraction=0.25)
         train.train(
             cfg, small_data, out / name, device_name="cpu", log=lambda _: None, progress=False
         )

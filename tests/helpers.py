@@ -140,3 +140,42 @@ def listening(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+# Settings that make a training run a few seconds on the small real subset.
+QUICK = {"batch_size": 32, "feature_views": 1, "val_fraction": 0.25}
+
+
+def quick(name: str, **overrides):
+    """A bundled recipe's config with QUICK settings (and `overrides`) on top."""
+    from pneumoscan.config import load_config
+
+    return load_config(name, **{**QUICK, **overrides})
+
+
+def silent(_: str) -> None:
+    pass
+
+
+class Interrupt(Exception):
+    """Raised from a log callback to stop a training run as a crash would."""
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """`pneumoscan ARGS` in this process, through the console entry point: (exit code, stdout,
+    stderr)."""
+    from typer.testing import CliRunner
+
+    from pneumoscan import cli
+
+    runner = CliRunner()
+    with runner.isolation() as (stdout, stderr, _):
+        argv, sys.argv = sys.argv, ["pneumoscan", *args]
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        finally:
+            sys.argv = argv
+        return code, stdout.getvalue().decode(), stderr.getvalue().decode()

@@ -29,9 +29,12 @@ CHROMIUM_ARGS = [
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "screenshot.png"
 FIELDS = ["file", "probability", "label", "threshold", "mode", "ood", "ood_score", "error"]
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.is_file(), reason="Chromium not installed: apt-get install chromium"
-)
+pytestmark = [
+    pytest.mark.slow,  # a real server and a real browser: seconds to start
+    pytest.mark.skipif(
+        not CHROMIUM.is_file(), reason="Chromium not installed: apt-get install chromium"
+    ),
+]
 
 
 @pytest.fixture(scope="module")

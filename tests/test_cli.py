@@ -1,25 +1,14 @@
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pneumoscan", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=900,
-    )
+from helpers import run_cli as run
 
 
 @pytest.mark.parametrize("command", ["train", "join", "evaluate", "benchmark"])
 def test_help_per_command(command: str) -> None:
-    result = run(command, "--help")
-    assert result.returncode == 0 and "--data" in result.stdout
+    code, stdout, _ = run(command, "--help")
+    assert code == 0 and "--data" in stdout
 
 
 @pytest.mark.parametrize(
@@ -54,12 +43,13 @@ def test_help_per_command(command: str) -> None:
     ],
 )
 def test_user_mistakes_give_one_line_and_non_zero_exit(
-    args: list[str], phrase: str, tmp_path: Path
+    args: list[str], phrase: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    result = run(*args, cwd=tmp_path)
-    assert result.returncode == 1
-    assert result.stderr.strip().count("\n") == 0 and phrase in result.stderr
-    assert "Traceback" not in result.stderr
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = run(*args)
+    assert code == 1
+    assert stderr.strip().count("\n") == 0 and phrase in stderr
+    assert stderr.startswith("error: ") and "Traceback" not in stderr
 
 
 @pytest.mark.slow
@@ -79,9 +69,9 @@ def test_bundled_model_regression_guard(
     data_root: Path, model: str, min_auc: float, min_sensitivity: float, min_specificity: float
 ) -> None:
     """A shipped model, scored on the 624 real test images: a change that makes it worse fails."""
-    result = run("evaluate", "--model", model, "--data", str(data_root), "--json")
-    assert result.returncode == 0, result.stderr
-    payload = json.loads(result.stdout)
+    code, stdout, stderr = run("evaluate", "--model", model, "--data", str(data_root), "--json")
+    assert code == 0, stderr
+    payload = json.loads(stdout)
     assert payload["n"] == 624 and payload["model"] == model
     assert payload["auc"] >= min_auc
     detection = payload["operating_points"]["detection"]
@@ -104,7 +94,7 @@ def test_bundled_model_regression_guard(
 
 @pytest.mark.slow
 def test_benchmark_writes_table_plots_and_report(small_data: Path, tmp_path: Path) -> None:
-    result = run(
+    code, _, stderr = run(
         "benchmark",
         "--data",
         str(small_data),
@@ -117,10 +107,26 @@ def test_benchmark_writes_table_plots_and_report(small_data: Path, tmp_path: Pat
         "--device",
         "cpu",
     )
-    assert result.returncode == 0, result.stderr
+    assert code == 0, stderr
     table = (tmp_path / "results.md").read_text()
     assert "| dense |" in table and "| cnn |" in table and "detection" in table
     for name in ("roc.png", "confusion.png", "thresholds.png", "training.png", "calibration.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (tmp_path / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 5 and "<table>" in page
+
+
+def test_heatmaps_on_the_onnx_backend_are_refused_before_anything_is_written(
+    xray_files: list[Path], tmp_path: Path
+) -> None:
+    """The library owns the check (`ModelCard.check_heatmaps`); the CLI only reports it."""
+    heatmaps = tmp_path / "heatmaps"
+    code, stdout, stderr = run(
+        "predict", str(xray_files[0]), "--backend", "onnx", "--heatmaps", str(heatmaps)
+    )
+    assert (
+        code == 1
+        and stderr
+        == "error: heatmaps need the torch backend (--backend torch): Grad-CAM runs in torch\n"
+    )
+    assert stdout == "" and not heatmaps.exists()

@@ -36,9 +36,12 @@ STUDY = "1.2.826.0.1.3680043.8.498.1.42.7"
 _missing = [t for t in TOOLS if shutil.which(t) is None]
 if _missing and os.environ.get("CI"):
     pytest.fail(f"CI lacks {', '.join(_missing)}: make dicom-tools installs them", pytrace=False)
-pytestmark = pytest.mark.skipif(
-    bool(_missing), reason=f"not installed: {', '.join(_missing)} (make dicom-tools)"
-)
+pytestmark = [
+    pytest.mark.slow,  # real processes on the network: about a minute in all
+    pytest.mark.skipif(
+        bool(_missing), reason=f"not installed: {', '.join(_missing)} (make dicom-tools)"
+    ),
+]
 
 
 def _source(pixels: np.ndarray, number: int, **attrs) -> pydicom.Dataset:

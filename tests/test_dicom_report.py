@@ -5,25 +5,15 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pydicom
 import pytest
-from helpers import dicom_bytes, dicom_dataset
+from helpers import dicom_bytes, dicom_dataset, run_cli
 
-from pneumoscan import cli, dicom_report, reader, runtime
+from pneumoscan import dicom_report, reader, runtime
 from pneumoscan import predict as screening
 from pneumoscan.predict import Prediction
-
-
-def run_cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, *args: str):
-    """`pneumoscan ARGS` in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["pneumoscan", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -108,19 +98,17 @@ def test_made_here_and_not_dicom() -> None:
 
 
 def test_predict_dicom_out_writes_reports_beside_nothing_it_overwrites(
-    source_file: Path, xray_files: list[Path], tmp_path: Path, capsys, monkeypatch
+    source_file: Path, xray_files: list[Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "reports"
     args = ("predict", str(source_file), str(xray_files[0]), "--dicom-out", str(out))
-    code, _, err = run_cli(capsys, monkeypatch, *args)
+    code, _, err = run_cli(*args)
     assert code == 0, err
     assert "wrote 1 DICOM object(s)" in err and "1 input(s) not DICOM" in err
     assert [p.name for p in out.iterdir()] == ["chest.sr.dcm"]
-    code, _, _ = run_cli(capsys, monkeypatch, *args)
+    code, _, _ = run_cli(*args)
     assert sorted(p.name for p in out.iterdir()) == ["chest.sr-2.dcm", "chest.sr.dcm"]
     code, _, err = run_cli(
-        capsys,
-        monkeypatch,
         "predict",
         str(source_file),
         "--dicom-out",
@@ -147,7 +135,7 @@ def test_predict_dicom_out_writes_reports_beside_nothing_it_overwrites(
         ),
         (
             ["listen", "--forward", "P@h:1", "--outputs", "sc", "--model", "dense"],
-            "--outputs sc: the dense model has no spatial layer",
+            "--outputs sc: heatmaps need a convolutional model",
         ),
         (
             ["listen", "--forward", "P@h:1", "--uid-root", "1.x.3"],
@@ -159,18 +147,14 @@ def test_predict_dicom_out_writes_reports_beside_nothing_it_overwrites(
         (["serve", "--token-file", "/no/such/token"], "--token-file /no/such/token: no such file"),
     ],
 )
-def test_mistakes_are_one_line(args, phrase, tmp_path, capsys, monkeypatch) -> None:
+def test_mistakes_are_one_line(args, phrase, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli(capsys, monkeypatch, *args)
+    code, _, err = run_cli(*args)
     assert code == 1 and phrase in err and err.count("\n") == 1, err
 
 
-def test_dicom_out_that_is_a_file_is_refused(
-    source_file: Path, tmp_path, capsys, monkeypatch
-) -> None:
+def test_dicom_out_that_is_a_file_is_refused(source_file: Path, tmp_path) -> None:
     target = tmp_path / "file"
     target.write_text("mine")
-    code, _, err = run_cli(
-        capsys, monkeypatch, "predict", str(source_file), "--dicom-out", str(target)
-    )
+    code, _, err = run_cli("predict", str(source_file), "--dicom-out", str(target))
     assert code == 1 and "exists and is not a folder" in err and target.read_text() == "mine"

@@ -11,28 +11,28 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscan import bundle, explain, reader
+from pneumoscan import explain, model_folder, reader
 from pneumoscan.errors import PneumoscanError
 
 
 @pytest.fixture(scope="module", params=["cnn", "transfer"])
-def model(request: pytest.FixtureRequest) -> bundle.LoadedModel:
+def model(request: pytest.FixtureRequest) -> model_folder.LoadedModel:
     """The bundled, fully trained models: a few-step model's evidence can be empty."""
-    return bundle.load(request.param)
+    return model_folder.load(request.param)
 
 
 @pytest.fixture(scope="module")
-def tiny_cnn(tiny_models: dict[str, Path]) -> bundle.LoadedModel:
-    return bundle.load(tiny_models["cnn"])
+def tiny_cnn(tiny_models: dict[str, Path]) -> model_folder.LoadedModel:
+    return model_folder.load(tiny_models["cnn"])
 
 
-def _state(model: bundle.LoadedModel) -> tuple[list[bool], list[bool]]:
+def _state(model: model_folder.LoadedModel) -> tuple[list[bool], list[bool]]:
     network = model.network
     return [m.training for m in network.modules()], [p.requires_grad for p in network.parameters()]
 
 
 def test_heatmap_is_a_map_inside_the_image(
-    model: bundle.LoadedModel, xray_files: list[Path]
+    model: model_folder.LoadedModel, xray_files: list[Path]
 ) -> None:
     size = model.input_size
     for path in (xray_files[0], xray_files[-1]):  # one NORMAL, one PNEUMONIA
@@ -52,14 +52,14 @@ def test_heatmap_is_a_map_inside_the_image(
         assert cam[1:-1, 1:-1].sum() > 0.5 * cam.sum(), "the mass lies on the border"
 
 
-def test_heatmap_is_deterministic(model: bundle.LoadedModel, xray_files: list[Path]) -> None:
+def test_heatmap_is_deterministic(model: model_folder.LoadedModel, xray_files: list[Path]) -> None:
     image = reader.load(xray_files[-1], model.input_size)
     assert np.array_equal(explain.heatmap(model, image), explain.heatmap(model, image))
 
 
 @pytest.mark.parametrize("training", [False, True])
 def test_heatmap_leaves_the_model_as_it_found_it(
-    model: bundle.LoadedModel, xray_files: list[Path], training: bool
+    model: model_folder.LoadedModel, xray_files: list[Path], training: bool
 ) -> None:
     image = reader.load(xray_files[-1], model.input_size)
     model.network.train(training)
@@ -75,10 +75,10 @@ def test_heatmap_leaves_the_model_as_it_found_it(
 
 
 def test_target_layer_feeds_the_global_pooling(tiny_models: dict[str, Path]) -> None:
-    transfer = bundle.load(tiny_models["transfer"]).network.head
+    transfer = model_folder.load(tiny_models["transfer"]).network.head
     pool = next(i for i, m in enumerate(transfer) if type(m).__name__ == "AdaptiveAvgPool2d")
     assert explain.target_layer(transfer) is transfer[pool - 1]  # conv_head + bn2 (+ act)
-    cnn = bundle.load(tiny_models["cnn"]).network.head
+    cnn = model_folder.load(tiny_models["cnn"]).network.head
     pool = next(i for i, m in enumerate(cnn) if type(m).__name__ == "AdaptiveAvgPool2d")
     # The last stage's activation, before its max-pool halves the resolution.
     assert type(cnn[pool - 1]).__name__ == "MaxPool2d"
@@ -87,12 +87,14 @@ def test_target_layer_feeds_the_global_pooling(tiny_models: dict[str, Path]) -> 
 
 
 def test_dense_model_is_refused(tiny_models: dict[str, Path], xray_files: list[Path]) -> None:
-    dense = bundle.load(tiny_models["dense"])
+    dense = model_folder.load(tiny_models["dense"])
     with pytest.raises(PneumoscanError, match="dense has no spatial layer"):
         explain.heatmap(dense, reader.load(xray_files[0], dense.input_size))
 
 
-def test_wrong_image_size_is_refused(tiny_cnn: bundle.LoadedModel, xray_files: list[Path]) -> None:
+def test_wrong_image_size_is_refused(
+    tiny_cnn: model_folder.LoadedModel, xray_files: list[Path]
+) -> None:
     with pytest.raises(PneumoscanError, match=r"reader\.load"):
         explain.heatmap(tiny_cnn, reader.load(xray_files[0], tiny_cnn.input_size * 2))
 
@@ -105,7 +107,7 @@ def _decode(png: bytes) -> np.ndarray:
 
 @pytest.mark.parametrize("max_side", [512, 100])
 def test_overlay_png_fits_and_shows_the_heatmap(
-    tiny_cnn: bundle.LoadedModel, xray_files: list[Path], max_side: int
+    tiny_cnn: model_folder.LoadedModel, xray_files: list[Path], max_side: int
 ) -> None:
     original = reader.read_image(xray_files[-1])[:, 20:200]  # not square
     cam = explain.heatmap(tiny_cnn, reader.resize(original, tiny_cnn.input_size))

@@ -78,3 +78,24 @@ def test_platt_scaling_recovers_a_known_distortion() -> None:
     before = metrics.expected_calibration_error(labels, metrics.sigmoid(distorted))
     after = metrics.expected_calibration_error(labels, metrics.sigmoid(scale * distorted + bias))
     assert after < before / 2
+
+
+def test_operating_points_are_fit_on_calibrated_validation_probabilities() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 200)
+    logits = rng.normal(loc=2.0 * labels - 1.0, scale=1.0) * 3.0 + 1.0  # too sharp, shifted
+    fitted = metrics.fit_operating_points(labels, logits)
+    points = fitted["operating_points"]
+    assert list(points) == list(metrics.POINTS)
+    scale, bias = fitted["calibration"]["scale"], fitted["calibration"]["bias"]
+    probs = metrics.sigmoid(scale * logits + bias)
+    for point in points.values():
+        assert (
+            point["validation"]
+            == metrics.point_metrics(labels, probs, point["threshold"]).to_dict()
+        )
+    assert points["balanced"]["threshold"] == metrics.youden_threshold(labels, probs)
+    assert points["detection"]["threshold"] <= points["balanced"]["threshold"]
+    assert points["detection"]["validation"]["sensitivity"] >= metrics.DETECTION_SENSITIVITY
+    calibration = fitted["calibration"]
+    assert calibration["validation_ece_after"] < calibration["validation_ece_before"]

@@ -68,7 +68,7 @@ def test_an_ensemble_is_rebuilt_from_its_saved_shape() -> None:
 
 
 def test_only_members_with_the_same_trunk_weights_share_one_trunk() -> None:
-    from pneumoscan.models import ensemble, share_trunk
+    from pneumoscan.models import heads_on_one_trunk, share_trunk
 
     a, b = create_model("transfer"), create_model("transfer")
     assert share_trunk([a, b])  # the same ImageNet base, whatever trained the heads
@@ -76,7 +76,7 @@ def test_only_members_with_the_same_trunk_weights_share_one_trunk() -> None:
         next(b.trunk.parameters()).add_(1e-3)  # e.g. a fully fine-tuned base
     assert not share_trunk([a, b])
     with pytest.raises(ValueError, match="share their frozen trunk"):
-        ensemble([a, b])
+        heads_on_one_trunk([a, b])
 
 
 def test_equalisation_gives_every_image_one_histogram_whatever_its_exposure(

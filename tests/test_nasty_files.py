@@ -24,7 +24,7 @@ from pydicom import uid
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 
-from pneumoscan import bundle, predict, reader
+from pneumoscan import model_folder, predict, reader
 from pneumoscan.errors import ImageReadError
 
 SECONDS_PER_FILE = 5.0  # the slowest refusal (a deflate bomb, inflated to 200 MB) takes ~0.5 s
@@ -558,7 +558,7 @@ def test_running_out_of_memory_is_said_plainly(
 def test_one_batch_scores_the_good_and_reports_each_bad_in_order(
     corpus: dict[str, Path], xray_files: list[Path], tiny_models: dict[str, Path]
 ) -> None:
-    model = bundle.load(tiny_models["cnn"])
+    model = model_folder.load(tiny_models["cnn"])
     nasty = list(corpus.values())
     half = len(nasty) // 2
     files = [xray_files[0], *nasty[:half], xray_files[1], *nasty[half:], xray_files[2]]

@@ -13,19 +13,19 @@ import pytest
 from helpers import dicom_bytes, dicom_dataset
 from PIL import Image, ImageDraw
 
-from pneumoscan import bundle, predict
+from pneumoscan import model_folder, predict
 from pneumoscan.errors import PneumoscanError
 
 
 @pytest.fixture(scope="module")
-def transfer() -> bundle.LoadedModel:
-    return bundle.load("transfer")
+def transfer() -> model_folder.LoadedModel:
+    return model_folder.load("transfer")
 
 
 @pytest.fixture(scope="module", params=["cnn", "transfer"])
-def shipped(request: pytest.FixtureRequest) -> bundle.LoadedModel:
+def shipped(request: pytest.FixtureRequest) -> model_folder.LoadedModel:
     """Each bundled model that screens by default or by choice, with its own guard threshold."""
-    return bundle.load(request.param)
+    return model_folder.load(request.param)
 
 
 def _save(img: Image.Image, path: Path, **kwargs) -> Path:
@@ -67,7 +67,7 @@ def variants(
 
 
 def test_every_format_of_the_same_image_gives_the_same_probability(
-    transfer: bundle.LoadedModel, variants: dict[str, list[Path]]
+    transfer: model_folder.LoadedModel, variants: dict[str, list[Path]]
 ) -> None:
     reference = [r.probability for r in predict.predict(transfer, variants["jpeg"])]
     for name, files in variants.items():
@@ -121,7 +121,7 @@ def _non_xrays(root: Path) -> list[Path]:
 
 
 def test_guard_flags_pictures_that_are_not_chest_xrays(
-    shipped: bundle.LoadedModel, tmp_path: Path
+    shipped: model_folder.LoadedModel, tmp_path: Path
 ) -> None:
     files = _non_xrays(tmp_path)
     results = list(predict.predict(shipped, files))
@@ -132,7 +132,7 @@ def test_guard_flags_pictures_that_are_not_chest_xrays(
     assert all(r.label is None for r in flagged)
 
 
-def test_guard_passes_real_test_xrays(shipped: bundle.LoadedModel, data_root: Path) -> None:
+def test_guard_passes_real_test_xrays(shipped: model_folder.LoadedModel, data_root: Path) -> None:
     files = (
         sorted((data_root / "test" / "NORMAL").iterdir())[::4]
         + sorted((data_root / "test" / "PNEUMONIA").iterdir())[::6]
@@ -160,7 +160,7 @@ def _bad_files(root: Path, good: Path) -> list[Path]:
 
 
 def test_a_bad_file_never_stops_the_batch(
-    transfer: bundle.LoadedModel, xray_files: list[Path], tmp_path: Path
+    transfer: model_folder.LoadedModel, xray_files: list[Path], tmp_path: Path
 ) -> None:
     bad = _bad_files(tmp_path, xray_files[0])
     files = [xray_files[0], *bad, xray_files[-1]]
@@ -244,7 +244,7 @@ def test_dicom_patient_data_never_reaches_the_output(
 
 
 def test_memory_stays_flat_over_many_files(
-    transfer: bundle.LoadedModel, xray_files: list[Path]
+    transfer: model_folder.LoadedModel, xray_files: list[Path]
 ) -> None:
     """The stream holds a few batches at a time: results arrive before the input is exhausted."""
     consumed = 0

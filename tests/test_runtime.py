@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumoscan import bundle, data, predict, runtime
+from pneumoscan import data, model_folder, predict, runtime
 from pneumoscan.errors import PneumoscanError
 
 
 @pytest.mark.slow
 def test_onnx_matches_torch_on_real_test_images(data_root: Path) -> None:
-    model = bundle.load("transfer")
+    model = model_folder.load("transfer")
     listed = data.list_split(data_root, "test")
     images, _ = data.load_images(listed, model.input_size)
     images = np.asarray(images[::3])  # 208 images of both classes
@@ -28,28 +28,10 @@ def test_onnx_matches_torch_on_real_test_images(data_root: Path) -> None:
 
 
 def test_onnx_backend_through_predict(tiny_models: dict[str, Path], xray_files: list[Path]) -> None:
-    torch_results = list(predict.predict(bundle.load(tiny_models["cnn"]), xray_files))
+    torch_results = list(predict.predict(model_folder.load(tiny_models["cnn"]), xray_files))
     onnx_results = list(predict.predict(runtime.load(tiny_models["cnn"]), xray_files))
     for a, b in zip(torch_results, onnx_results, strict=True):
         assert a.label == b.label and abs(a.probability - b.probability) < 1e-4 and a.ood == b.ood
-
-
-def test_bundled_onnx_stores_fp16_weights_exactly() -> None:
-    import onnx
-    from onnx import TensorProto
-
-    folder = bundle.bundled_dir() / "transfer"
-    graph = onnx.load(str(folder / "model.onnx")).graph
-    halves = [i for i in graph.initializer if i.data_type == TensorProto.FLOAT16]
-    assert len(halves) > 100  # the network's weights, cast back to fp32 when the session starts
-    # The graph holds no second copy of them: it points into weights.safetensors.
-    pointers = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.initializer
-    assert {e.value for i in pointers for e in i.external_data if e.key == "location"} == {
-        "weights.safetensors",
-        "guard.safetensors",
-    }
-    weights = (folder / "weights.safetensors").stat().st_size
-    assert (folder / "model.onnx").stat().st_size < 0.05 * weights
 
 
 def test_the_graph_refuses_a_changed_weights_file(
@@ -102,27 +84,3 @@ def test_shards_cover_every_file_once(tmp_path: Path) -> None:
     for bad in ("0/3", "4/3", "1", "a/b", "1/0"):
         with pytest.raises(PneumoscanError, match="--shard"):
             predict.parse_shard(bad)
-
-
-def test_export_command_writes_a_dynamic_batch_model(
-    tiny_models: dict[str, Path], tmp_path: Path
-) -> None:
-    target = tmp_path / "model.onnx"
-    command = [
-        sys.executable,
-        "-m",
-        "pneumoscan",
-        "export",
-        "--model",
-        str(tiny_models["dense"]),
-        "--onnx",
-        str(target),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    graph = runtime.session(target)
-    for n in (1, 5):
-        logits, distances = graph.run(None, {"image": np.zeros((n, 1, 128, 128), np.float32)})
-        assert logits.shape == (n,) and distances.shape == (n,)
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 1 and "--force" in again.stderr

@@ -15,10 +15,11 @@ from fastapi.testclient import TestClient
 from helpers import dicom_bytes, dicom_dataset
 from PIL import Image
 
-from pneumoscan import bundle, reader
+from pneumoscan import model_folder, reader
 from pneumoscan.serve import create_app
 
-FIELDS = {"file", "probability", "label", "threshold", "mode", "ood", "ood_score", "error"}
+FIELDS_IN_ORDER = ("file", "probability", "label", "threshold", "mode", "ood", "ood_score", "error")
+FIELDS = set(FIELDS_IN_ORDER)
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 
 
@@ -47,7 +48,7 @@ def test_health(client: TestClient) -> None:
 
 
 def test_model_card_comes_from_model_json(client: TestClient, cnn_folder: Path) -> None:
-    meta = bundle.load(cnn_folder).meta
+    meta = model_folder.load(cnn_folder).meta
     card = client.get("/api/v1/model").json()
     assert card["name"] == meta["name"] and card["architecture"] == "cnn" and card["members"] == 1
     assert card["input_size"] == meta["input_size"]
@@ -59,13 +60,12 @@ def test_model_card_comes_from_model_json(client: TestClient, cnn_folder: Path) 
             point["validation"]["sensitivity"]
             == meta["operating_points"][name]["validation"]["sensitivity"]
         )
-        assert "test" not in point  # the tiny model's model.json has no test section
-    assert "test" not in card
     assert card["calibration"]["scale"] == meta["calibration"]["scale"]
     assert card["ood"]["threshold"] == meta["ood"]["threshold"]
     assert card["ood"]["validation_pass_rate"] == meta["ood"]["validation_pass_rate"]
     assert card["pneumoscan_version"] and card["format_version"] == 1
     assert card["limits"] == {"max_file_bytes": 20 * 1024 * 1024, "max_files": 20}
+    assert card["result_fields"] == list(FIELDS_IN_ORDER)  # the page's CSV columns
 
 
 def test_predict_scores_jpeg_png_and_dicom_and_reports_broken_files(
@@ -128,7 +128,7 @@ def test_heatmaps_are_png_when_asked(client: TestClient, xray_files: list[Path])
 def test_mode_picks_the_operating_point(
     client: TestClient, cnn_folder: Path, xray_files: list[Path]
 ) -> None:
-    points = bundle.load(cnn_folder).meta["operating_points"]
+    points = model_folder.load(cnn_folder).meta["operating_points"]
     for mode in ("detection", "balanced"):
         response = client.post(f"/api/v1/predict?mode={mode}", files=jpegs(xray_files[:1]))
         result = response.json()["results"][0]
@@ -301,7 +301,7 @@ def test_serve_with_an_unknown_model_is_one_line_and_exit_1(tmp_path: Path) -> N
 
 
 @pytest.mark.skipif(
-    not (bundle.bundled_dir() / "transfer" / "model.json").is_file(),
+    not (model_folder.bundled_dir() / "transfer" / "model.json").is_file(),
     reason="the bundled transfer model is not installed",
 )
 def test_bundled_transfer_flags_a_photograph_as_not_an_xray(xray_files: list[Path]) -> None:

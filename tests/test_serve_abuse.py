@@ -201,6 +201,7 @@ def check_health(address: Address, stop: threading.Event) -> list[tuple[int, flo
     return checks
 
 
+@pytest.mark.slow
 def test_a_flood_of_small_bad_requests_gets_4xx_and_health_keeps_answering(
     server: Address,
 ) -> None:

@@ -16,17 +16,18 @@ from pathlib import Path
 
 import torch
 
-from pneumoscan import bundle, train
+from pneumoscan import model_folder
 from pneumoscan.models import MODEL_NAMES
+from pneumoscan.postfit import fit_postprocessing
 
 
 def main(data_root: Path, source: Path, names: list[str]) -> None:
     for name in names:
-        model = bundle.load(source / name)
-        target = bundle.bundled_dir() / name
+        model = model_folder.load(source / name)
+        target = model_folder.bundled_dir() / name
         meta = {**model.meta, "name": name}
-        bundle.save(target, model.network, meta, dtype=torch.float16, ood=model.scorer.guard)
-        shipped = train.fit_postprocessing(bundle.load(target), data_root)
+        model_folder.save(target, model.network, meta, dtype=torch.float16, ood=model.scorer.guard)
+        shipped = fit_postprocessing(model_folder.load(target), data_root)
         size = sum(p.stat().st_size for p in target.glob("*.safetensors")) / 2**20
         points = shipped.meta["operating_points"]
         print(

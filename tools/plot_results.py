@@ -11,12 +11,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pneumoscan import bundle, report
+from pneumoscan import model_folder, report
 from pneumoscan.evaluate import evaluate
 
 
 def main(data_root: Path, out: Path) -> None:
-    models = [bundle.load(name) for name in ("dense", "cnn", "transfer", "ensemble")]
+    models = [model_folder.load(name) for name in ("dense", "cnn", "transfer", "ensemble")]
     written = report.write_benchmark([(m, evaluate(m, data_root, "test")) for m in models], out)
     print("wrote", ", ".join(str(p) for p in written))
 

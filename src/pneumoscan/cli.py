@@ -13,7 +13,8 @@ from pneumoscan import DEFAULT_MODEL
 from pneumoscan.errors import PneumoscanError
 
 app = typer.Typer(
-    help="Pneumonia detection in chest X-rays: train, evaluate and compare the study's models.",
+    help="Pneumonia detection in chest X-rays: screen images, serve a web app, and train, join, "
+    "evaluate and export models.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -78,6 +79,8 @@ def train(
     """Train a model, or several and join them; validation is carved from train by patient,
     test is never read."""
     from pneumoscan import train as training
+    from pneumoscan.config import PLANS, load_plan
+    from pneumoscan.join import train_plan
 
     overrides = {
         "epochs": epochs,
@@ -93,12 +96,12 @@ def train(
             members = [int(s) for s in seeds.split(",")]
         except ValueError:
             raise PneumoscanError(f"--seeds {seeds!r}: write integers, e.g. 0,1,2") from None
-    plan = training.load_plan(model, config, **overrides)
+    plan = load_plan(model, config, **overrides)
     if len(plan) == 1 and len(plan[0]) == 1 and members is None:
         (cfg,) = plan[0].values()
         loaded = training.train(cfg, data, out, resume=resume, force=force, log=_stderr, **options)
     else:
-        loaded = training.train_ensemble(
+        loaded = train_plan(
             plan,
             members or [seed or 0],
             data,
@@ -106,7 +109,7 @@ def train(
             resume=resume,
             force=force,
             log=_stderr,
-            name=model if model in training.PLANS else None,
+            name=model if model in PLANS else None,
             **options,
         )
     if loaded is None:
@@ -128,17 +131,10 @@ def join(
     name: str | None = typer.Option(None, "--name", help="The joined model's name."),
     force: bool = typer.Option(False, "--force", help="Overwrite a model already in OUT."),
 ) -> None:
-    """Join trained models into one ensemble (their mean logit); refit its thresholds on validation."""
-    from pneumoscan import bundle
-    from pneumoscan import train as training
+    """Join trained models into one (their mean logit); refit its thresholds on validation."""
+    from pneumoscan.join import join_models
 
-    if len(folders) < 2:
-        raise PneumoscanError("join: give at least two model folders")
-    if (out / bundle.META_FILE).exists() and not force:
-        raise PneumoscanError(f"--out {out}: already holds a model; pass --force to overwrite it")
-    for folder in folders:
-        bundle.resolve(folder, "join")
-    joined = training.join_members(folders, data, out, name)
+    joined = join_models(folders, data, out, name, force)
     points = joined.meta["operating_points"]
     typer.echo(
         f"{out}: {joined.description}, validation AUC {joined.meta['validation']['auc']:.4f}; "
@@ -160,10 +156,10 @@ def evaluate(
     ),
 ) -> None:
     """Score models on a split at their operating points (fixed on validation beforehand)."""
-    from pneumoscan import bundle, report
+    from pneumoscan import model_folder, report
     from pneumoscan.evaluate import evaluate as run
 
-    models = [bundle.load(m) for m in model]
+    models = [model_folder.load(m) for m in model]
     results = [run(m, data, split) for m in models]
     if as_json:
         payload = [r.to_dict() for r in results]
@@ -191,12 +187,13 @@ def benchmark(
     """Train and evaluate the models; write results.md, PNG plots and report.html to OUT."""
     from pneumoscan import report
     from pneumoscan import train as training
+    from pneumoscan.config import load_config
     from pneumoscan.evaluate import evaluate as run
 
     names = [m.strip() for m in models.split(",") if m.strip()]
     results = []
     for name in names:
-        cfg = training.load_config(name, epochs=epochs, max_steps=max_steps)
+        cfg = load_config(name, epochs=epochs, max_steps=max_steps)
         _stderr(f"== training {name}")
         loaded = training.train(
             cfg,
@@ -252,15 +249,14 @@ def predict(
 ) -> None:
     """Screen image files. Exit code: 0 all files scored, 2 some files failed (the rest are still
     reported), 1 usage error. Images that do not look like chest X-rays get ood=true and no label."""
-    from pneumoscan import bundle, report
+    from pneumoscan import model_folder, report
     from pneumoscan import predict as screening
+    from pneumoscan.metrics import POINTS
 
-    if mode not in screening.MODES:
-        raise PneumoscanError(f"--mode {mode!r}: choose detection or balanced")
+    if mode not in POINTS:
+        raise PneumoscanError(f"--mode {mode!r}: choose one of {', '.join(POINTS)}")
     if backend not in ("auto", "torch", "onnx"):
         raise PneumoscanError(f"--backend {backend!r}: choose auto, torch or onnx")
-    if backend == "onnx" and heatmaps is not None:
-        raise PneumoscanError("--heatmaps needs --backend torch (Grad-CAM runs in torch)")
     if as_json and csv_file:
         raise PneumoscanError("--json and --csv: choose one")
     if csv_file is not None and csv_file.exists() and not force:
@@ -270,8 +266,8 @@ def predict(
     if not files:
         raise PneumoscanError(f"no image files found in {', '.join(str(p) for p in paths)}")
     files = files[part]
-    if backend == "torch" or heatmaps is not None:
-        loaded = bundle.load(model)
+    if backend == "torch" or (backend == "auto" and heatmaps is not None):
+        loaded = model_folder.load(model)
     else:
         from pneumoscan import runtime
 
@@ -321,12 +317,13 @@ def export(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
     """Export a model (classifier and not-a-chest-X-ray guard) to ONNX."""
-    from pneumoscan import bundle, runtime
+    from pneumoscan import model_folder
+    from pneumoscan.export import export_onnx
 
     if onnx.exists() and not force:
         raise PneumoscanError(f"--onnx {onnx}: file exists; pass --force to overwrite it")
-    loaded = bundle.load(model)
-    runtime.export(loaded.scorer, loaded.input_size, onnx)
+    loaded = model_folder.load(model)
+    export_onnx(loaded.scorer, loaded.input_size, onnx)
     typer.echo(
         f"wrote {onnx}: input 'image' (N, 1, {loaded.input_size}, {loaded.input_size}) float in [0, 1]; "
         "outputs 'logit' and 'ood_score'; calibration and thresholds are in the model's model.json"

@@ -18,7 +18,6 @@ from pneumoscan import reader
 from pneumoscan.errors import ImageReadError, PneumoscanError
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm", ".dicom"}
-SPLITS = ("train", "val", "test")
 DATA_HELP = (
     "get the Kermany et al. chest X-ray data (Kaggle 'chest-xray-pneumonia', or Mendeley "
     "doi:10.17632/rscbjbr9sj.2) and unpack it so that DIR/{train,val,test}/{NORMAL,PNEUMONIA} exist"
@@ -188,3 +187,35 @@ def load_images(split: Split, size: int, workers: int | None = None) -> tuple[np
     os.replace(tmp, array_path)
     meta_path.write_text(json.dumps({"kept": kept.tolist(), "size": size}))
     return np.load(array_path, mmap_mode="r"), split.subset(kept)
+
+
+@dataclass
+class TrainingData:
+    """A model's training images, decoded once, and which of them train and which validate."""
+
+    images: np.ndarray
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    fingerprint: str
+    n_val_patients: int
+
+
+def training_data(
+    root: str | Path, image_size: int, val_fraction: float, split_seed: int, val_design: str
+) -> TrainingData:
+    """`<root>/train` at `image_size`, with validation carved from it by patient."""
+    listed = list_split(root, "train")
+    images, kept = load_images(listed, image_size)
+    train_split, val_split = train_val_split(kept, val_fraction, split_seed, val_design)
+    position = {f: i for i, f in enumerate(kept.files)}
+    return TrainingData(
+        images=images,
+        train_idx=np.asarray([position[f] for f in train_split.files]),
+        val_idx=np.asarray([position[f] for f in val_split.files]),
+        labels=kept.labels,
+        class_names=kept.class_names,
+        fingerprint=fingerprint(kept.files),
+        n_val_patients=len({patient_id(f.name) for f in val_split.files}),
+    )

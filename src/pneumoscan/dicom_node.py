@@ -174,7 +174,7 @@ class Node:
         self.reporter = dicom_report.Reporter(self.model, config.outputs, config.uid_root)
         self.explainer = None
         if "sc" in config.outputs:
-            self.explainer = _explainer(config.model, self.model.meta)
+            self.explainer = _explainer(config.model)
         self.work: queue.Queue[str | None] = queue.Queue()
         self.wake = threading.Event()  # new results to forward
         self.stopping = threading.Event()
@@ -424,17 +424,16 @@ def _peer(event) -> str:
     return f"{requestor.ae_title}@{requestor.address}"
 
 
-def _explainer(model: str, meta: dict):
-    from pneumoscan import bundle
-    from pneumoscan.explain import without_spatial_layer
+def _explainer(model: str):
+    """The torch twin that draws the SC's heatmap; refused at start-up if it cannot draw one."""
+    from pneumoscan import model_folder
 
-    flat = without_spatial_layer(meta)
-    if flat is not None:
-        raise PneumoscanError(
-            f"--outputs sc: the {flat} model has no spatial layer for a heatmap; "
-            "use --model cnn, transfer or ensemble, or --outputs sr"
-        )
-    return bundle.load(model)
+    loaded = model_folder.load(model)
+    try:
+        loaded.check_heatmaps()
+    except PneumoscanError as exc:
+        raise PneumoscanError(f"--outputs sc: {exc}; or use --outputs sr") from None
+    return loaded
 
 
 def _server_tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:

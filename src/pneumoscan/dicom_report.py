@@ -25,7 +25,7 @@ from pneumoscan.errors import PneumoscanError
 if TYPE_CHECKING:
     from pydicom import Dataset
 
-    from pneumoscan.bundle import ModelCard
+    from pneumoscan.model_folder import ModelCard
     from pneumoscan.predict import Prediction
 
 MANUFACTURER = "pneumoscan"

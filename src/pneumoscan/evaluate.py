@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan import bundle, data, metrics
+from pneumoscan import data, metrics, model_folder
 from pneumoscan.errors import PneumoscanError
 
 
@@ -41,7 +41,7 @@ class Evaluation:
 
 
 def evaluate(
-    model: bundle.LoadedModel, data_root: str | Path, split: str = "test", n_boot: int = 2000
+    model: model_folder.LoadedModel, data_root: str | Path, split: str = "test", n_boot: int = 2000
 ) -> Evaluation:
     """Evaluate on `<data_root>/<split>`; the thresholds are those fixed on validation."""
     listed = data.list_split(data_root, split)

@@ -13,11 +13,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from pneumoscan import bundle
+from pneumoscan import model_folder, preprocess
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.models import MeanOfHeads
-
-SPATIAL_ARCHITECTURES = ("cnn", "transfer")
 
 
 class _OneLogit(nn.Module):
@@ -38,13 +36,8 @@ class _OneLogit(nn.Module):
         return torch.stack(logits).mean(0)
 
 
-def without_spatial_layer(meta: dict) -> str | None:
-    """The model's (or a member's) architecture that has no spatial layer; None if all have."""
-    return next((a for a, _ in bundle.parts(meta) if a not in SPATIAL_ARCHITECTURES), None)
-
-
 def target_layers(network: nn.Module) -> list[nn.Module]:
-    """The last spatial activation of each head (of each member's, for an ensemble).
+    """The last spatial activation of each head (of each member's, for a joined model).
 
     Grad-CAM averages their maps, each scaled to the input's size.
     """
@@ -70,7 +63,9 @@ def target_layer(head: nn.Sequential) -> nn.Module:
     return layers[index]
 
 
-def heatmap(model: bundle.LoadedModel, image: np.ndarray, label: str | None = None) -> np.ndarray:
+def heatmap(
+    model: model_folder.LoadedModel, image: np.ndarray, label: str | None = None
+) -> np.ndarray:
     """Grad-CAM map of the evidence for `label` (default PNEUMONIA): float32 (S, S) in [0, 1].
 
     `image` is the model-ready uint8 (S, S) array. For a NORMAL result the map shows the
@@ -79,12 +74,7 @@ def heatmap(model: bundle.LoadedModel, image: np.ndarray, label: str | None = No
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
-    architecture = without_spatial_layer(model.meta)
-    if architecture is not None:
-        raise PneumoscanError(
-            "heatmaps need a convolutional model (cnn or transfer); "
-            f"{architecture} has no spatial layer"
-        )
+    model.check_heatmaps()
     size = model.input_size
     if image.shape != (size, size):
         raise PneumoscanError(
@@ -93,7 +83,7 @@ def heatmap(model: bundle.LoadedModel, image: np.ndarray, label: str | None = No
         )
     network = model.network
     layers = target_layers(network)
-    x = torch.from_numpy(np.array(image, dtype=np.uint8)).float().div_(255.0)[None, None]
+    x = torch.from_numpy(preprocess.unit_range(image[None]))
     # GradCAM switches the network to eval mode; the caller's modes are put back afterwards.
     modes = [(m, m.training) for m in network.modules()]
     cam = None

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 DETECTION_SENSITIVITY = 0.98
+# The operating points every model carries, in the order tables list them.
+POINTS = ("balanced", "detection")
 
 
 @dataclass(frozen=True)
@@ -139,3 +141,38 @@ def fit_platt(labels: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
+
+
+def fit_operating_points(val_labels: np.ndarray, val_logits: np.ndarray) -> dict:
+    """Platt calibration and both thresholds, all from validation: model.json's sections."""
+    scale, bias = fit_platt(val_labels, val_logits)
+    raw = sigmoid(val_logits)
+    probs = sigmoid(scale * val_logits + bias)
+    balanced = youden_threshold(val_labels, probs)
+    # Detection trades accuracy for sensitivity, so it is never less sensitive than balanced.
+    detection = min(detection_threshold(val_labels, probs), balanced)
+    rules = {
+        "balanced": (balanced, "max Youden's J on validation"),
+        "detection": (
+            detection,
+            f"highest threshold with validation sensitivity >= {DETECTION_SENSITIVITY}"
+            " (and at most the balanced threshold)",
+        ),
+    }
+    return {
+        "operating_points": {
+            name: {
+                "threshold": rules[name][0],
+                "rule": rules[name][1],
+                "validation": point_metrics(val_labels, probs, rules[name][0]).to_dict(),
+            }
+            for name in POINTS
+        },
+        "calibration": {
+            "method": "Platt scaling of the logit, fit on validation",
+            "scale": scale,
+            "bias": bias,
+            "validation_ece_before": expected_calibration_error(val_labels, raw),
+            "validation_ece_after": expected_calibration_error(val_labels, probs),
+        },
+    }

@@ -154,10 +154,15 @@ def share_trunk(members: list[Classifier]) -> bool:
     )
 
 
-def ensemble(members: list[Classifier]) -> Classifier:
-    """One model from members of one architecture: the shared trunk runs once, then each head."""
+def heads_on_one_trunk(members: list[Classifier]) -> Classifier:
+    """One model from members of one network: the shared trunk runs once, then each head."""
     if not share_trunk(members):
-        raise ValueError("ensemble members must share their frozen trunk")
+        raise ValueError("members must share their frozen trunk to run it once")
+    return _on_first_trunk(members)
+
+
+def _on_first_trunk(members: list[Classifier]) -> Classifier:
+    """The first member's trunk (and zoom views) under every member's head."""
     return Classifier(members[0].trunk, MeanOfHeads([m.head for m in members]), members[0].views)
 
 
@@ -370,7 +375,8 @@ _FACTORIES = {"dense": dense, "cnn": cnn, "transfer": transfer}
 
 
 def create_model(name: str, image_size: int = 128, members=1, **kwargs) -> Classifier | Mixture:
-    """Build a model by name: `dense`, `cnn` or `transfer`; `members` > 1: an ensemble of them.
+    """Build a model by name: `dense`, `cnn` or `transfer`; `members` > 1: that many heads on one
+    trunk (`heads_on_one_trunk`).
 
     `mixture` joins models of any of those: `members` lists each one's `architecture` and
     `model_args`.
@@ -383,7 +389,6 @@ def create_model(name: str, image_size: int = 128, members=1, **kwargs) -> Class
     for key in ("hidden", "channels"):
         if key in kwargs:
             kwargs[key] = tuple(kwargs[key])
-    if members > 1:  # the shape of a joined ensemble (see `ensemble`), for its saved weights
-        built = [_FACTORIES[name](image_size, **kwargs) for _ in range(members)]
-        return Classifier(built[0].trunk, MeanOfHeads([b.head for b in built]), built[0].views)
+    if members > 1:  # the shape of heads joined on one trunk, for their saved weights
+        return _on_first_trunk([_FACTORIES[name](image_size, **kwargs) for _ in range(members)])
     return _FACTORIES[name](image_size, **kwargs)

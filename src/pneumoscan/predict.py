@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscan import reader
-from pneumoscan.bundle import LoadedModel, ModelCard
 from pneumoscan.data import IMAGE_SUFFIXES
 from pneumoscan.errors import ImageReadError, PneumoscanError
+from pneumoscan.model_folder import LoadedModel, ModelCard
 
 FIELDS = ("file", "probability", "label", "threshold", "mode", "ood", "ood_score", "error")
-MODES = ("detection", "balanced")
 
 
 @dataclass
@@ -176,16 +175,7 @@ class _HeatmapWriter:
     """One overlay PNG per scored image; a file written never replaces one already there."""
 
     def __init__(self, model: LoadedModel, folder: Path | None):
-        from pneumoscan.explain import without_spatial_layer
-
-        if not isinstance(model, LoadedModel):
-            raise PneumoscanError("heatmaps need the torch backend (--backend torch)")
-        flat = without_spatial_layer(model.meta)
-        if flat is not None:
-            raise PneumoscanError(
-                f"--heatmaps: the {flat} model has no spatial layer; "
-                "use --model cnn or --model transfer"
-            )
+        model.check_heatmaps()
         if folder is not None:
             if folder.exists() and not folder.is_dir():
                 raise PneumoscanError(f"--heatmaps {folder}: exists and is not a folder")

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan.bundle import LoadedModel
 from pneumoscan.evaluate import Evaluation
-
-POINTS = ("balanced", "detection")
+from pneumoscan.metrics import POINTS
+from pneumoscan.model_folder import LoadedModel
 
 
 def print_evaluations(results: list[Evaluation]) -> None:

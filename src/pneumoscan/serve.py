@@ -25,9 +25,10 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pneumoscan import __version__, bundle, runtime
+from pneumoscan import __version__, model_folder, runtime
 from pneumoscan import predict as screening
 from pneumoscan.errors import PneumoscanError
+from pneumoscan.metrics import POINTS
 
 MB = 1024 * 1024
 MAX_FILE_BYTES = 20 * MB
@@ -58,7 +59,7 @@ def create_app(
     With a `token`, every API call but health needs `Authorization: Bearer <token>`.
     """
     loaded = runtime.load(model)  # scores with ONNX Runtime: fast, and no torch in memory
-    explainer = functools.cache(lambda: bundle.load(model))  # torch: for the first heatmap
+    explainer = functools.cache(lambda: model_folder.load(model))  # torch: for the first heatmap
     card = model_card(loaded, max_file_bytes, max_files)
     lock = threading.Lock()
     app = FastAPI(
@@ -82,7 +83,7 @@ def create_app(
     @app.post("/api/v1/predict")
     async def predict(
         files: list[UploadFile] = File(..., description="Chest X-rays: JPEG, PNG or DICOM."),
-        mode: Literal["detection", "balanced"] = Query(
+        mode: Literal[POINTS] = Query(
             "detection", description="Operating point: detection (sensitive) or balanced."
         ),
         heatmap: bool = Query(False, description="Attach a Grad-CAM overlay PNG (base64)."),
@@ -127,25 +128,19 @@ def create_app(
     return app
 
 
-def model_card(loaded: bundle.ModelCard, max_file_bytes: int, max_files: int) -> dict:
+def model_card(loaded: model_folder.ModelCard, max_file_bytes: int, max_files: int) -> dict:
     """What model.json says about a model that its users need, plus this server's limits."""
     meta = loaded.meta
-    test = meta.get("test") or {}
     ood = meta.get("ood")
-    points = {}
-    for name, point in meta["operating_points"].items():
-        points[name] = {
-            "threshold": point["threshold"],
-            "rule": point.get("rule"),
-            "validation": point.get("validation"),
-        }
-        if name in test.get("operating_points", {}):
-            points[name]["test"] = test["operating_points"][name]
-    card = {
+    points = {
+        name: {k: point.get(k) for k in ("threshold", "rule", "validation")}
+        for name, point in meta["operating_points"].items()
+    }
+    return {
         "name": loaded.name,
         "architecture": meta["architecture"],
         "description": loaded.description,  # e.g. "cnn x3 + transfer": what the model averages
-        "members": loaded.members,  # > 1: an ensemble
+        "members": loaded.members,  # > 1: several trained networks joined
         "input_size": loaded.input_size,
         "class_names": loaded.class_names,
         "operating_points": points,
@@ -157,10 +152,8 @@ def model_card(loaded: bundle.ModelCard, max_file_bytes: int, max_files: int) ->
         "pneumoscan_version": __version__,
         "format_version": meta["format_version"],
         "limits": {"max_file_bytes": max_file_bytes, "max_files": max_files},
+        "result_fields": list(screening.FIELDS),  # of each result, in the CSV's order
     }
-    if test:
-        card["test"] = {k: v for k, v in test.items() if k != "operating_points"}
-    return card
 
 
 def _result(prediction: screening.Prediction) -> dict:

@@ -3,8 +3,6 @@
 "use strict";
 
 (() => {
-  // The fields of the API's result objects, in the CLI's CSV order.
-  const FIELDS = ["file", "probability", "label", "threshold", "mode", "ood", "ood_score", "error"];
   const PREVIEWABLE = new Set(["image/jpeg", "image/png"]);
   const MB = 1024 * 1024;
 
@@ -27,6 +25,7 @@
     entries: [],
     nextId: 1,
     limits: { max_file_bytes: 20 * MB, max_files: 20 },
+    fields: [], // the API's result fields in the CLI's CSV order: from the model card
   };
 
   // ---- small helpers -------------------------------------------------------------------
@@ -63,7 +62,7 @@
   }
 
   function failure(name, message, mode) {
-    const result = Object.fromEntries(FIELDS.map((f) => [f, null]));
+    const result = Object.fromEntries(state.fields.map((f) => [f, null]));
     return { ...result, file: name, mode, error: message, heatmap_png: null };
   }
 
@@ -105,6 +104,7 @@
       if (!res.ok) throw new Error(await errorText(res));
       const card = await res.json();
       if (card.limits) state.limits = card.limits;
+      state.fields = card.result_fields;
       // In the selector's order, each with the validation metrics that justify it.
       const modes = Array.from(ui.mode.options, (option) => option.value);
       const points = modes
@@ -391,8 +391,8 @@
   function downloadCsv() {
     const rows = sorted()
       .filter((e) => e.result)
-      .map((e) => FIELDS.map((f) => csvCell(e.result[f])).join(","));
-    const blob = new Blob([[FIELDS.join(","), ...rows].join("\r\n") + "\r\n"], { type: "text/csv" });
+      .map((e) => state.fields.map((f) => csvCell(e.result[f])).join(","));
+    const blob = new Blob([[state.fields.join(","), ...rows].join("\r\n") + "\r\n"], { type: "text/csv" });
     const url = URL.createObjectURL(blob);
     const link = h("a", { href: url, download: "pneumoscan-results.csv" });
     document.body.append(link);

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumoscan import bundle, runtime
+from pneumoscan import model_folder, runtime
 from pneumoscan.errors import PneumoscanError
 
 
@@ -39,17 +39,27 @@ def test_model_folder_describes_itself(tiny_models: dict[str, Path]) -> None:
     assert meta["ood"]["validation_pass_rate"] >= 0.99 and meta["ood"]["threshold"] > 0
 
 
-def test_roundtrip_gives_identical_probabilities(tiny_models: dict[str, Path]) -> None:
-    model = bundle.load(tiny_models["cnn"])
+def test_save_then_load_gives_identical_weights_and_probabilities(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A network saved to a new folder and loaded back scores exactly as the original."""
+    import torch
+
+    model = model_folder.load(tiny_models["cnn"])
+    model_folder.save(tmp_path / "copy", model.network, model.meta, ood=model.scorer.guard)
+    again = model_folder.load(tmp_path / "copy")
+    saved, loaded = model.network.state_dict(), again.network.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
     images = np.random.default_rng(0).integers(0, 256, (4, 128, 128), dtype=np.uint8)
-    again = bundle.load(tiny_models["cnn"])
-    assert np.array_equal(model.probabilities(images), again.probabilities(images))
-    assert ((model.probabilities(images) >= 0) & (model.probabilities(images) <= 1)).all()
+    probs = model.probabilities(images)
+    assert np.array_equal(probs, again.probabilities(images))
+    assert ((probs >= 0) & (probs <= 1)).all()
+    assert np.abs(runtime.load(tmp_path / "copy").probabilities(images) - probs).max() < 1e-4
 
 
 @pytest.mark.parametrize("name", ["weights.safetensors", "guard.safetensors", "model.onnx"])
 def test_tampered_or_truncated_files_are_refused(model_copy: Path, name: str) -> None:
-    load = runtime.load if name == "model.onnx" else bundle.load
+    load = runtime.load if name == "model.onnx" else model_folder.load
     path = model_copy / name
     data = bytearray(path.read_bytes())
     data[-10] ^= 0xFF
@@ -66,22 +76,22 @@ def test_unknown_format_version_is_refused(model_copy: Path) -> None:
     meta["format_version"] = 99
     (model_copy / "model.json").write_text(json.dumps(meta))
     with pytest.raises(PneumoscanError, match="reads version 1"):
-        bundle.load(model_copy)
+        model_folder.load(model_copy)
 
 
 def test_unknown_model_name_names_the_choices(tmp_path: Path) -> None:
     with pytest.raises(PneumoscanError, match="cnn, dense, ensemble, transfer"):
-        bundle.load("resnet")
+        model_folder.load("resnet")
     with pytest.raises(PneumoscanError, match=str(tmp_path)):
-        bundle.load(tmp_path)
+        model_folder.load(tmp_path)
 
 
 @pytest.mark.parametrize("name", ["dense", "cnn", "transfer", "ensemble"])
 def test_bundled_models_ship_within_size_budget(name: str) -> None:
-    folder = bundle.bundled_dir() / name
+    folder = model_folder.bundled_dir() / name
     assert (folder / "model.json").is_file(), f"bundled model {name} is missing"
-    model = bundle.load(name)
+    model = model_folder.load(name)
     architecture = "mixture" if name == "ensemble" else name
     assert model.meta["architecture"] == architecture and model.input_size == 128
-    total = sum(p.stat().st_size for p in bundle.bundled_dir().glob("*/*"))
+    total = sum(p.stat().st_size for p in model_folder.bundled_dir().glob("*/*"))
     assert total <= 40 * 2**20  # weights, guards and ONNX graphs of all four

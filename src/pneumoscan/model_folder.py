@@ -1,4 +1,5 @@
-"""A trained model as a self-describing folder: weights, guard, an ONNX graph and `model.json`.
+"""Any trained model as a self-describing folder (the bundled ones too): weights, guard, an ONNX
+graph and `model.json`.
 
 Whoever loads the folder needs nothing else to preprocess, calibrate, threshold and label.
 Loading reads tensors and JSON only: nothing is ever unpickled. This module imports torch only
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pneumoscan import metrics
+from pneumoscan import metrics, preprocess
 from pneumoscan.errors import PneumoscanError
 
 if TYPE_CHECKING:
@@ -34,11 +35,8 @@ WEIGHTS_FILE = "weights.safetensors"
 GUARD_FILE = "guard.safetensors"
 ONNX_FILE = "model.onnx"
 META_FILE = "model.json"
-PREPROCESSING = {
-    "reader": "any format -> 8-bit greyscale (pneumoscan.reader.read_image)",
-    "resize": "whole frame squashed to input_size x input_size, bilinear",
-    "scale": "pixel / 255 -> [0, 1], one channel",
-}
+# Grad-CAM needs a spatial layer before the global pooling: every architecture but `dense`.
+SPATIAL_ARCHITECTURES = ("cnn", "transfer")
 
 
 @dataclass
@@ -59,7 +57,7 @@ class ModelCard:
 
     @property
     def description(self) -> str:
-        """What the network is: `cnn`, `cnn x3` (an ensemble of seeds), `cnn x3 + transfer`."""
+        """What the network is: `cnn`, `cnn x3` (three heads on one trunk), `cnn x3 + transfer`."""
         return " + ".join(
             f"{architecture} x{args['members']}" if args.get("members", 1) > 1 else architecture
             for architecture, args in parts(self.meta)
@@ -107,8 +105,7 @@ class ModelCard:
         """Logits and guard distances of uint8 images shaped (N, S, S), in batches."""
         logits, distances = [], []
         for start in range(0, len(images), batch_size):
-            x = np.asarray(images[start : start + batch_size], dtype=np.float32)[:, None] / 255.0
-            z, d = self.run(x)
+            z, d = self.run(preprocess.unit_range(images[start : start + batch_size]))
             logits.append(z)
             distances.append(d)
         if not logits:
@@ -118,6 +115,18 @@ class ModelCard:
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One batch in [0, 1] shaped (N, 1, S, S) -> logits, guard distances: the backend's part."""
         raise NotImplementedError
+
+    def check_heatmaps(self) -> None:
+        """Refuse heatmaps where they cannot be drawn: Grad-CAM needs torch and a spatial layer."""
+        if not isinstance(self, LoadedModel):
+            raise PneumoscanError(
+                "heatmaps need the torch backend (--backend torch): Grad-CAM runs in torch"
+            )
+        flat = next((a for a, _ in parts(self.meta) if a not in SPATIAL_ARCHITECTURES), None)
+        if flat is not None:
+            raise PneumoscanError(
+                f"heatmaps need a convolutional model (cnn or transfer); {flat} has no spatial layer"
+            )
 
 
 @dataclass
@@ -151,7 +160,7 @@ def save(
     """
     import torch
 
-    from pneumoscan import runtime
+    from pneumoscan.export import export_onnx
     from pneumoscan.models import Scorer
 
     dtype = dtype or torch.float32
@@ -159,7 +168,7 @@ def save(
     meta = {
         **meta,
         "format_version": FORMAT_VERSION,
-        "preprocessing": PREPROCESSING,
+        "preprocessing": preprocess.record(int(meta["input_size"])),
         "weights": {
             "file": WEIGHTS_FILE,
             "sha256": _write_tensors(folder / WEIGHTS_FILE, network, dtype),
@@ -179,7 +188,7 @@ def save(
     )
     scorer = Scorer(shipped, ood, shares_guard_trunk(meta))
     external = ["weights"] + (["ood"] if ood is not None else [])
-    runtime.export(
+    export_onnx(
         scorer,
         int(meta["input_size"]),
         folder / ONNX_FILE,
@@ -222,6 +231,7 @@ def read_card(model: str | Path) -> ModelCard:
             f"{folder}: model format version {version!r} is not supported "
             f"(this pneumoscan reads version {FORMAT_VERSION})"
         )
+    preprocess.check(meta, folder)
     return ModelCard(meta.get("name", folder.name), folder, meta)
 
 
@@ -255,7 +265,7 @@ def load(model: str | Path) -> LoadedModel:
 def parts(meta: dict) -> list[tuple[str, dict]]:
     """(architecture, model_args) of each model a mixture joins; of the model itself otherwise.
 
-    Mixtures are never nested (`train.join_members` refuses it).
+    Mixtures are never nested (`join.join_models` refuses it).
     """
     args = meta.get("model_args", {})
     if meta["architecture"] == "mixture":

@@ -1,0 +1,51 @@
+import torch
+from helpers import quick
+
+from pneumoscan.augment import augment, soft_targets
+
+
+def test_augmentation_keeps_range_and_changes_pixels() -> None:
+    x = torch.rand(4, 1, 64, 64)
+    out = augment(
+        x.clone(),
+        {"rotate": 10, "translate": 0.08, "scale": 0.1, "brightness": 0.1, "contrast": 0.2},
+        torch.Generator().manual_seed(0),
+    )
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert not torch.allclose(out, x)
+
+
+def test_aspect_augmentation_changes_the_anatomy_proportions_at_the_same_area() -> None:
+    """`aspect` makes a shape taller and narrower or shorter and wider, within 1 + aspect."""
+    x = torch.zeros(64, 1, 64, 64)
+    x[:, :, 16:48, 16:48] = 1  # a centred square, 32 px a side
+    out = augment(x.clone(), {"aspect": 0.5}, torch.Generator().manual_seed(0))
+    bright = out > 0.5
+    height = bright.any(dim=3).sum(dim=(1, 2)).float()
+    width = bright.any(dim=2).sum(dim=(1, 2)).float()
+    ratio = height / width
+    assert ratio.min() < 0.8 and ratio.max() > 1.25  # both ways, not only one
+    assert (ratio > 1 / 1.5 - 0.1).all() and (ratio < 1.5 + 0.1).all()
+    assert torch.allclose(bright.sum(dim=(1, 2, 3)).float(), torch.tensor(32.0 * 32), rtol=0.08)
+    # without `aspect`, the random draws of the other augmentations are the ones they were
+    recipe = {"rotate": 10, "translate": 0.08, "brightness": 0.1}
+    a = augment(x.clone(), recipe, torch.Generator().manual_seed(1))
+    b = augment(x.clone(), {**recipe, "aspect": 0.0}, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+
+
+def test_mixup_and_label_smoothing_blend_inputs_targets_and_weights() -> None:
+    x = torch.stack([torch.full((1, 4, 4), float(v)) for v in (0.0, 1.0, 0.0, 1.0)])
+    y = torch.tensor([0, 1, 0, 1])
+    weight = torch.tensor([2.0, 1.0, 2.0, 1.0])
+    cfg = quick("cnn", mixup=0.4, label_smoothing=0.1)
+    mixed, target, w = soft_targets(x, y, weight, cfg, torch.Generator().manual_seed(3))
+    share = mixed[:, 0, 0, 0]  # each input is its blend with a partner, so its value is a share
+    assert not torch.equal(mixed, x) and torch.all((share >= 0) & (share <= 1))
+    # Targets follow the inputs' blend exactly, then are pulled towards 1/2 by eps/2.
+    assert torch.allclose(target, share * 0.9 + 0.05)
+    assert torch.allclose(w, 2.0 - share)  # weights blend like the targets
+    again = soft_targets(x, y, weight, cfg, torch.Generator().manual_seed(3))
+    assert torch.equal(again[0], mixed)  # one generator, one draw: a resumed run repeats it
+    plain = soft_targets(x, y, weight, quick("cnn"), torch.Generator())
+    assert plain[0] is x and torch.equal(plain[1], y.float()) and plain[2] is weight

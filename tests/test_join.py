@@ -1,0 +1,181 @@
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import QUICK, quick, silent
+
+from pneumoscan import model_folder, train
+from pneumoscan.config import load_config, load_plan
+from pneumoscan.errors import PneumoscanError
+from pneumoscan.join import join_models, train_plan
+
+
+@pytest.mark.slow
+def test_an_ensemble_of_seeds_scores_the_mean_of_its_members(
+    small_data: Path, tmp_path: Path, xray_files: list[Path]
+) -> None:
+    from pneumoscan import explain, reader, runtime
+
+    cfg = quick("cnn", max_steps=4)
+    joined = train_plan(cfg, [0, 1], small_data, tmp_path, device_name="cpu", log=silent)
+    members = [model_folder.load(tmp_path / f"seed-{s}") for s in (0, 1)]
+    assert joined.meta["model_args"]["members"] == 2
+    assert [m["seed"] for m in joined.meta["training"]["members"]] == [0, 1]
+    images = np.stack([reader.load(f, 128) for f in xray_files])
+    mean = np.mean([m.raw_scores(images)[0] for m in members], axis=0)
+    assert np.allclose(joined.raw_scores(images)[0], mean, atol=1e-5)
+    # The joined folder is a model like any other: ONNX, heatmaps, refit thresholds.
+    again = model_folder.load(tmp_path)
+    assert (
+        np.abs(runtime.load(tmp_path).probabilities(images) - again.probabilities(images)).max()
+        < 1e-4
+    )
+    cam = explain.heatmap(again, images[0])
+    assert cam.shape == (128, 128) and cam.max() > 0
+    with pytest.raises(PneumoscanError, match="already holds"):
+        train_plan(cfg, [0, 1], small_data, tmp_path, device_name="cpu", log=silent)
+    for change in ({"val_fraction": 0.3}, {"val_design": "earliest"}):
+        other = quick("cnn", max_steps=4, **change)
+        train.train(other, small_data, tmp_path / "other", "cpu", log=silent, progress=False)
+        with pytest.raises(PneumoscanError, match="another validation split"):
+            join_models([tmp_path / "seed-0", tmp_path / "other"], small_data, tmp_path / "x")
+        shutil.rmtree(tmp_path / "other")
+
+
+@pytest.mark.slow
+def test_a_mixture_of_families_scores_the_mean_and_shares_the_guard_trunk(
+    tiny_models: dict[str, Path], small_data: Path, tmp_path: Path, xray_files: list[Path]
+) -> None:
+    from pneumoscan import explain, reader, runtime
+
+    folders = [tiny_models["cnn"], tiny_models["transfer"]]
+    joined = join_models(folders, small_data, tmp_path / "mix")
+    assert joined.meta["architecture"] == "mixture" and joined.name == "cnn+transfer"
+    assert joined.description == "cnn + transfer" and joined.members == 2
+    images = np.stack([reader.load(f, 128) for f in xray_files])
+    members = [model_folder.load(f) for f in folders]
+    mean = np.mean([m.raw_scores(images)[0] for m in members], axis=0)
+    loaded = model_folder.load(tmp_path / "mix")
+    logits, distances = loaded.raw_scores(images)
+    assert np.allclose(logits, mean, atol=1e-5)
+    # The transfer member's frozen trunk is the guard's: it runs once, and gives its distances.
+    assert loaded.scorer.guard_trunk is None
+    assert np.allclose(distances, joined.raw_scores(images)[1], atol=1e-4)
+    onnx = runtime.load(tmp_path / "mix")
+    assert np.abs(onnx.probabilities(images) - loaded.probabilities(images)).max() < 1e-4
+    assert len(explain.target_layers(loaded.network)) == 2  # one Grad-CAM layer per member
+    cam = explain.heatmap(loaded, images[0])
+    assert cam.shape == (128, 128) and cam.max() > 0
+    with_dense = join_models(
+        [tiny_models["dense"], tiny_models["cnn"]], small_data, tmp_path / "flat"
+    )
+    assert with_dense.scorer.guard_trunk is not None  # no member shares it: the guard runs its own
+    with pytest.raises(PneumoscanError, match="no spatial layer"):
+        explain.heatmap(with_dense, images[0])
+    with pytest.raises(PneumoscanError, match="already a mixture"):
+        join_models([tmp_path / "mix", tiny_models["cnn"]], small_data, tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_two_recipes_of_one_network_share_its_trunk_and_join_a_mixture(
+    tiny_models: dict[str, Path], small_data: Path, tmp_path: Path, xray_files: list[Path]
+) -> None:
+    """Two `transfer` recipes (section 22): one frozen trunk, both heads; then with the `cnn`."""
+    from dataclasses import replace
+
+    from pneumoscan import reader, runtime
+    from pneumoscan.models import MeanOfHeads
+
+    cfg = load_config("transfer", max_steps=6, batch_size=32, feature_views=1)
+    wider = replace(cfg, val_fraction=0.25, seed=1, augment={**cfg.augment, "scale": 0.25})
+    train.train(wider, small_data, tmp_path / "wider", "cpu", log=silent, progress=False)
+    folders = [tiny_models["transfer"], tmp_path / "wider"]
+    heads = join_models(folders, small_data, tmp_path / "heads")
+    assert heads.meta["architecture"] == "transfer" and heads.meta["model_args"]["members"] == 2
+    assert isinstance(heads.network.head, MeanOfHeads)
+    recorded = [m["config"]["augment"]["scale"] for m in heads.meta["training"]["members"]]
+    assert recorded == [cfg.augment["scale"], 0.25]
+    images = np.stack([reader.load(f, 128) for f in xray_files])
+    t1, t2, c = (model_folder.load(f).raw_scores(images)[0] for f in [*folders, tiny_models["cnn"]])
+    assert np.allclose(heads.raw_scores(images)[0], (t1 + t2) / 2, atol=1e-5)
+    mix = join_models([tiny_models["cnn"], tmp_path / "heads"], small_data, tmp_path / "mix")
+    assert mix.meta["architecture"] == "mixture" and mix.description == "cnn + transfer x2"
+    assert np.allclose(mix.raw_scores(images)[0], c / 2 + (t1 + t2) / 4, atol=1e-5)
+    onnx = runtime.load(tmp_path / "mix")
+    assert np.abs(onnx.probabilities(images) - mix.probabilities(images)).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_a_cnn_with_zoom_views_joins_exports_and_explains(
+    tiny_models: dict[str, Path], small_data: Path, tmp_path: Path, xray_files: list[Path]
+) -> None:
+    from pneumoscan import explain, reader, runtime
+
+    cfg = quick("cnn", max_steps=4, model_args={"equalize": True, "zoom_views": [1.06]})
+    zoomed = train.train(cfg, small_data, tmp_path / "zoom", "cpu", log=silent, progress=False)
+    assert zoomed.network.views is not None and len(zoomed.network.views) == 3
+    joined = join_models([tmp_path / "zoom", tiny_models["transfer"]], small_data, tmp_path / "mix")
+    loaded = model_folder.load(tmp_path / "mix")
+    images = np.stack([reader.load(f, 128) for f in xray_files])
+    mean = np.mean(
+        [
+            model_folder.load(f).raw_scores(images)[0]
+            for f in (tmp_path / "zoom", tiny_models["transfer"])
+        ],
+        axis=0,
+    )
+    assert np.allclose(joined.raw_scores(images)[0], mean, atol=1e-5)
+    onnx = runtime.load(tmp_path / "mix")
+    assert np.abs(onnx.probabilities(images) - loaded.probabilities(images)).max() < 1e-4
+    cam = explain.heatmap(loaded, images[0])  # the plain view's evidence
+    assert cam.shape == (128, 128) and cam.max() > 0
+
+
+@pytest.mark.slow
+def test_one_call_trains_several_families_and_joins_them(small_data: Path, tmp_path: Path) -> None:
+    configs = load_plan("dense,cnn", **QUICK, max_steps=2)
+    joined = train_plan(configs, [0, 1], small_data, tmp_path, log=silent)
+    assert joined.description == "dense x2 + cnn x2" and joined.members == 4
+    for name in ("dense", "cnn"):
+        family = model_folder.load(tmp_path / name)
+        assert family.members == 2 and (tmp_path / name / "seed-1" / "model.json").is_file()
+    with pytest.raises(PneumoscanError, match="already holds"):
+        train_plan(configs, [0, 1], small_data, tmp_path, log=silent)
+    single = train_plan(configs, [0], small_data, tmp_path / "one", log=silent)
+    assert single.description == "dense + cnn"  # one seed: each member a single model
+
+
+@pytest.mark.slow
+def test_the_default_plan_trains_in_one_call_and_weighs_its_members(
+    small_data: Path, tmp_path: Path, xray_files: list[Path]
+) -> None:
+    """`train --model ensemble`: cnn, and two transfer heads on one trunk; logit weights 1/2, 1/4, 1/4."""
+    from pneumoscan import reader
+
+    plan = load_plan("ensemble", **QUICK, max_steps=2)
+    joined = train_plan(plan, [0], small_data, tmp_path, log=silent, name="ensemble")
+    assert joined.name == "ensemble" and joined.description == "cnn + transfer x2"
+    heads = tmp_path / "transfer+transfer-wide"
+    parts = [tmp_path / "cnn", heads / "transfer", heads / "transfer-wide"]
+    images = np.stack([reader.load(f, 128) for f in xray_files])
+    logits = [model_folder.load(f).raw_scores(images)[0] for f in parts]
+    expected = logits[0] / 2 + logits[1] / 4 + logits[2] / 4
+    assert np.allclose(joined.raw_scores(images)[0], expected, atol=1e-5)
+    two = model_folder.load(heads).meta
+    assert two["model_args"]["members"] == 2  # one trunk, two heads
+    assert [m["config"]["augment"]["scale"] for m in two["training"]["members"]] == [0.1, 0.25]
+
+
+def test_joining_refuses_one_member_an_unknown_one_and_an_occupied_folder(
+    tiny_models: dict[str, Path], small_data: Path, tmp_path: Path
+) -> None:
+    """The library checks what the CLI relies on: `join` is a thin layer over `join_models`."""
+    with pytest.raises(PneumoscanError, match="at least two model folders"):
+        join_models([tiny_models["cnn"]], small_data, tmp_path / "x")
+    with pytest.raises(PneumoscanError, match="join nowhere: not a bundled model"):
+        join_models([tiny_models["cnn"], Path("nowhere")], small_data, tmp_path / "x")
+    folders = [tiny_models["cnn"], tiny_models["transfer"]]
+    with pytest.raises(PneumoscanError, match="already holds a model; pass --force"):
+        join_models(folders, small_data, tiny_models["dense"])
+    assert not (tmp_path / "x").exists()
