@@ -280,7 +280,7 @@ def predict(
         reporter = dicom_report.Reporter(loaded, ("sr", "sc") if heatmaps is not None else ("sr",))
     results = list(screening.predict(loaded, files, mode, heatmaps=heatmaps))
     if sort:
-        results.sort(key=lambda r: -1.0 if r.probability is None else r.probability, reverse=True)
+        results.sort(key=screening.triage_order)
     if as_json:
         typer.echo(json.dumps([r.to_dict() for r in results], indent=2))
     elif csv_file is not None:
@@ -295,8 +295,10 @@ def predict(
         )
     failed = sum(r.error is not None for r in results)
     flagged = sum(bool(r.ood) for r in results)
+    shifted = sum(r.domain == "shifted" for r in results)
     _stderr(
         f"{len(results) - failed} of {len(results)} files scored ({loaded.name} model, {mode} point)"
+        + (f"; {shifted} unlike the training images (less reliable)" if shifted else "")
         + (f"; {flagged} not chest X-rays (no label)" if flagged else "")
         + (f"; {failed} failed" if failed else "")
         + (f"; wrote {csv_file}" if csv_file else "")

@@ -16,17 +16,32 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan import reader
+from pneumoscan import domain, reader
 from pneumoscan.data import IMAGE_SUFFIXES
 from pneumoscan.errors import ImageReadError, PneumoscanError
 from pneumoscan.model_folder import LoadedModel, ModelCard
 
-FIELDS = ("file", "probability", "label", "threshold", "mode", "ood", "ood_score", "error")
+FIELDS = (
+    "file",
+    "probability",
+    "label",
+    "threshold",
+    "mode",
+    "ood",
+    "ood_score",
+    "error",
+    "domain",
+    "warning",
+)
 
 
 @dataclass
 class Prediction:
-    """The result for one file; `label` is None when the file is out of distribution or failed."""
+    """The result for one file; `label` is None when the file is not a chest X-ray or failed.
+
+    `domain` is in_domain, shifted (a chest X-ray unlike the training images: scored, with a
+    `warning`) or not_chest_xray (`ood` true, no label); None when the file could not be read.
+    """
 
     file: str
     probability: float | None = None
@@ -36,6 +51,8 @@ class Prediction:
     ood: bool | None = None
     ood_score: float | None = None
     error: str | None = None
+    domain: str | None = None
+    warning: str | None = None
     heatmap: str | None = None  # the PNG's path, when written to a folder
     heatmap_png: bytes | None = field(default=None, repr=False)
 
@@ -45,6 +62,16 @@ class Prediction:
         if out["heatmap"] is None:
             del out["heatmap"]
         return out
+
+
+def triage_order(result: Prediction) -> tuple[int, float]:
+    """Sort key of a triage list: scored images by probability, highest first; then those that
+    are not chest X-rays, then files that could not be read (neither has a score to rank by)."""
+    if result.error is not None:
+        return (2, 0.0)
+    if result.ood:
+        return (1, 0.0)
+    return (0, -(result.probability or 0.0))
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
@@ -148,18 +175,20 @@ def _score(model, futures, mode, threshold, writer) -> Iterator[Prediction]:
     if good:
         logits, distances = model.raw_scores(np.stack([d.image for d in good]))
         probs = model.calibrate(logits)
-        ood_limit = model.ood_threshold
+        guarded = model.ood_threshold is not None
         for d, p, dist in zip(good, probs, distances, strict=True):
-            ood = bool(ood_limit is not None and dist > ood_limit)
-            label = None if ood else model.class_names[int(p >= threshold)]
+            tier = model.domain(float(dist))
+            ood = tier == domain.NOT_CHEST_XRAY
             results[id(d)] = Prediction(
                 file=d.name,
                 probability=float(p),
-                label=label,
+                label=None if ood else model.class_names[int(p >= threshold)],
                 threshold=threshold,
                 mode=mode,
                 ood=ood,
-                ood_score=float(dist) if ood_limit is not None else None,
+                ood_score=float(dist) if guarded else None,
+                domain=tier,
+                warning=domain.WARNINGS.get(tier),
             )
     for d in decoded:
         if d.image is None:

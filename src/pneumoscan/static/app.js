@@ -229,10 +229,13 @@
 
   // ---- rendering -----------------------------------------------------------------------
 
-  // Most likely pneumonia first; unreadable files and those still being scored last.
+  // Most likely pneumonia first; then what is not a chest X-ray, unreadable files and those
+  // still being scored: none of those has a probability to rank by.
   function rank(entry) {
     const r = entry.result;
-    if (!r) return -2;
+    if (!r) return -4;
+    if (r.error) return -3;
+    if (r.ood) return -2;
     return typeof r.probability === "number" ? r.probability : -1;
   }
 
@@ -264,8 +267,10 @@
       if (n) parts.push(`${n} ${name}`);
     }
     const ood = count((r) => r.ood === true);
+    const shifted = count((r) => r.domain === "shifted");
     const failed = count((r) => r.error !== null);
     const pending = results.filter((r) => !r).length;
+    if (shifted) parts.push(`${shifted} unlike the training images`);
     if (ood) parts.push(`${ood} not a chest X-ray`);
     if (failed) parts.push(`${failed} unreadable`);
     if (pending) parts.push(`${pending} being scored`);
@@ -325,13 +330,16 @@
     const labelText = r.label ?? "no label";
     parts.push(h("p", { class: `label label-${(r.label || "none").toLowerCase()}`, text: labelText }));
     if (r.ood) {
+      // No probability bar and no number: a score of something that is not a chest X-ray means nothing.
       parts.push(
         h("p", {
           class: "warning",
-          text: "This does not look like a chest X-ray, so it gets no label. The probability below is not meaningful.",
+          text: "This does not look like a chest X-ray, so it gets no label and no score.",
         }),
       );
+      return h("div", {}, ...parts);
     }
+    if (r.warning) parts.push(h("p", { class: "warning shifted", text: `Less reliable: ${r.warning}.` }));
     parts.push(probabilityBar(r));
     parts.push(
       h("p", {
