@@ -106,7 +106,7 @@ def calibrate(
     site_data = read_site(site, scorer.class_names, scorer.input_size)
     logits, _ = scorer.raw_scores(site_data.images)
     labels = site_data.labels
-    fitted = metrics.fit_operating_points(labels, logits, target_sensitivity)
+    fitted = metrics.fit_operating_points(labels, logits, target_sensitivity, source="site images")
     meta = json.loads(json.dumps(scorer.meta))  # a deep copy
     meta.update(fitted)
     counts = site_data.counts(scorer.class_names)

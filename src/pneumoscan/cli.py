@@ -143,6 +143,47 @@ def join(
 
 
 @app.command()
+def calibrate(
+    model: str = typer.Option(
+        DEFAULT_MODEL,
+        "--model",
+        help="Bundled model (ensemble, dense, cnn, transfer) or a model folder.",
+    ),
+    data: Path = typer.Option(
+        ...,
+        "--data",
+        help="Your site's labelled images: DATA/NORMAL/ and DATA/PNEUMONIA/ (any format, "
+        "subfolders searched).",
+    ),
+    out: Path = typer.Option(..., "--out", help="Folder for the calibrated model (a new one)."),
+    target_sensitivity: float = typer.Option(
+        0.98, "--target-sensitivity", help="The detection point's sensitivity on your images."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace a folder already at --out."),
+) -> None:
+    """Refit calibration and both operating points on your site's own images (weights untouched)."""
+    from pneumoscan import calibrate as site
+
+    fitted = site.calibrate(model, data, out, target_sensitivity, force)
+    for reason in fitted.skipped:
+        _stderr(f"skipped {reason}")
+    counts = ", ".join(f"{n} {name}" for name, n in fitted.counts.items())
+    typer.echo(
+        f"{out}: {fitted.model.name} calibrated on {counts}; calibration error (ECE) "
+        f"{fitted.ece_before:.3f} before, {fitted.ece_after:.3f} after"
+    )
+    for name, p in fitted.points.items():
+        sens, spec = p["sensitivity_ci"], p["specificity_ci"]
+        typer.echo(
+            f"  {name}: threshold {p['threshold']:.3f}, sensitivity {p['sensitivity']:.3f} "
+            f"({sens[0]:.3f}-{sens[1]:.3f}), specificity {p['specificity']:.3f} "
+            f"({spec[0]:.3f}-{spec[1]:.3f}) on these images (95% bootstrap)"
+        )
+    for warning in fitted.warnings:
+        _stderr(f"warning: {warning}")
+
+
+@app.command()
 def evaluate(
     model: list[str] = typer.Option(
         [DEFAULT_MODEL],

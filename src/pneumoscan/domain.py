@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 IN_DOMAIN, SHIFTED, NOT_CHEST_XRAY = "in_domain", "shifted", "not_chest_xray"
 DOMAINS = (IN_DOMAIN, SHIFTED, NOT_CHEST_XRAY)
 POPULATION = "children aged 1-5 from one hospital in Guangzhou"
+TRAINED_ON = (
+    "5,232 paediatric chest X-rays (anterior-posterior films) of children aged 1-5 from "
+    "Guangzhou Women and Children's Medical Center (Kermany et al., 2018)"
+)
 WARNINGS = {
     SHIFTED: f"unlike the training images ({POPULATION}): less reliable",
     NOT_CHEST_XRAY: "not a chest X-ray? (no label)",

@@ -120,7 +120,8 @@
         (card.members === 1 && card.name !== card.architecture ? `${card.architecture}, ` : "");
       ui.model.textContent =
         `Model: ${card.name} (${about}${card.input_size}×${card.input_size} pixels). ` +
-        `Thresholds: ${points.join("; ")}. Files up to ${sizeText(state.limits.max_file_bytes)}.`;
+        `Thresholds: ${points.join("; ")}. Files up to ${sizeText(state.limits.max_file_bytes)}.` +
+        (card.domain ? ` Trained on ${card.domain.trained_on}: other X-rays are marked less reliable.` : "");
     } catch (err) {
       ui.model.textContent = `Could not load the model description: ${err.message}`;
     }
