@@ -36,7 +36,7 @@ class SiteData:
 
 def read_site(folder: Path, class_names: list[str], size: int) -> SiteData:
     """FOLDER/<CLASS>/ for each of the model's classes (any case, subfolders searched)."""
-    from pneumoscan.predict import expand_paths
+    from pneumoscan.predict import scan_paths
 
     if not folder.is_dir():
         raise PneumoscanError(f"--data {folder}: no such folder")
@@ -49,7 +49,10 @@ def read_site(folder: Path, class_names: list[str], size: int) -> SiteData:
         )
     files, labels, images, skipped = [], [], [], []
     for index, name in enumerate(class_names):
-        for path in expand_paths([found[name.upper()]]):
+        scan = scan_paths([found[name.upper()]])
+        if scan.note():
+            skipped.append(f"{found[name.upper()]}: {scan.note()}")
+        for path in scan.files:
             try:
                 images.append(reader.load(path, size))
             except ImageReadError as exc:

@@ -303,7 +303,10 @@ def predict(
     if csv_file is not None and csv_file.exists() and not force:
         raise PneumoscanError(f"--csv {csv_file}: file exists; pass --force to overwrite it")
     part = screening.parse_shard(shard) if shard is not None else slice(None)
-    files = screening.expand_paths(paths)
+    scan = screening.scan_paths(paths)
+    files = scan.files
+    if scan.note():
+        _stderr(scan.note())
     if not files:
         raise PneumoscanError(f"no image files found in {', '.join(str(p) for p in paths)}")
     files = files[part]

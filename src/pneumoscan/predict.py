@@ -74,27 +74,52 @@ def triage_order(result: Prediction) -> tuple[int, float]:
     return (0, -(result.probability or 0.0))
 
 
-def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+@dataclass
+class Scan:
+    """The files a list of paths names, and what folder scans passed over, by suffix."""
+
+    files: list[Path]
+    skipped: dict[str, int]
+
+    def note(self) -> str | None:
+        """E.g. "skipped 2 files with unsupported suffixes: .gif, .txt"; None when none."""
+        if not self.skipped:
+            return None
+        n = sum(self.skipped.values())
+        return f"skipped {n} file{'s' if n > 1 else ''} with unsupported suffixes: " + ", ".join(
+            sorted(self.skipped)
+        )
+
+
+def scan_paths(paths: Iterable[str | Path]) -> Scan:
     """Files as given; folders recursively (image suffixes, or none as DICOM exports often have).
 
-    A path that does not exist is a usage error, raised before any work starts.
+    A path that does not exist is a usage error, raised before any work starts. Hidden files
+    are passed over silently; other files with a suffix the reader does not take are counted.
     """
     files: list[Path] = []
+    skipped: dict[str, int] = {}
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files.extend(
-                p
-                for p in sorted(path.rglob("*"))
-                if p.is_file()
-                and not p.name.startswith(".")
-                and (p.suffix.lower() in IMAGE_SUFFIXES or not p.suffix)
-            )
+            for p in sorted(path.rglob("*")):
+                if not p.is_file() or p.name.startswith("."):
+                    continue
+                suffix = p.suffix.lower()
+                if suffix in IMAGE_SUFFIXES or not suffix:
+                    files.append(p)
+                else:
+                    skipped[suffix] = skipped.get(suffix, 0) + 1
         elif path.exists():
             files.append(path)
         else:
             raise PneumoscanError(f"{path}: no such file or folder")
-    return files
+    return Scan(files, skipped)
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """The files of `scan_paths`."""
+    return scan_paths(paths).files
 
 
 Source = Path | tuple[str, bytes]  # a file, or (name, content) of an upload held in memory

@@ -82,7 +82,7 @@ def create_app(
 
     @app.post("/api/v1/predict")
     async def predict(
-        files: list[UploadFile] = File(..., description="Chest X-rays: JPEG, PNG or DICOM."),
+        files: list[UploadFile] = File(..., description="Chest X-rays: JPEG, PNG, TIFF or DICOM."),
         mode: Literal[POINTS] = Query(
             "detection", description="Operating point: detection (sensitive) or balanced."
         ),
@@ -108,7 +108,7 @@ def create_app(
             raise HTTPException(400, str(exc)) from None
         if all(r["error"] is not None for r in results):
             reasons = "; ".join(r["error"] for r in results)
-            raise HTTPException(415, f"no readable image (JPEG, PNG or DICOM): {reasons}")
+            raise HTTPException(415, f"no readable image (JPEG, PNG, TIFF or DICOM): {reasons}")
         return {"model": loaded.name, "results": results}
 
     @app.get("/api/v1/health")

@@ -190,7 +190,7 @@
       } catch (err) {
         const message = (e) =>
           err.status === 415 && chunk.length > 1
-            ? `${e.file.name}: not a readable image (use JPEG, PNG or DICOM)`
+            ? `${e.file.name}: not a readable image (use JPEG, PNG, TIFF or DICOM)`
             : err.message;
         results = chunk.map((e) => failure(e.file.name, message(e), mode));
       }
