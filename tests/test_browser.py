@@ -27,7 +27,18 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "screenshot.png"
-FIELDS = ["file", "probability", "label", "threshold", "mode", "ood", "ood_score", "error"]
+FIELDS = [
+    "file",
+    "probability",
+    "label",
+    "threshold",
+    "mode",
+    "ood",
+    "ood_score",
+    "error",
+    "domain",
+    "warning",
+]
 
 pytestmark = [
     pytest.mark.slow,  # a real server and a real browser: seconds to start

@@ -18,7 +18,19 @@ from PIL import Image
 from pneumoscan import model_folder, reader
 from pneumoscan.serve import create_app
 
-FIELDS_IN_ORDER = ("file", "probability", "label", "threshold", "mode", "ood", "ood_score", "error")
+# The API's contract: these fields, in this order (domain and warning came last, with issue 19).
+FIELDS_IN_ORDER = (
+    "file",
+    "probability",
+    "label",
+    "threshold",
+    "mode",
+    "ood",
+    "ood_score",
+    "error",
+    "domain",
+    "warning",
+)
 FIELDS = set(FIELDS_IN_ORDER)
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 
