@@ -37,6 +37,14 @@ def packaged_non_xrays() -> list[tuple[str, np.ndarray]]:
         (name, reader.to_grey_uint8(Image.fromarray(load_sample_image(name))))
         for name in ("china.jpg", "flower.jpg")
     ]
+    from pydicom.data import get_testdata_file
+
+    for name in ("MR_small.dcm", "CT_small.dcm"):  # an MRI and a CT slice that pydicom ships
+        found.append((name, reader.read_image(get_testdata_file(name))))
+    terrain = np.load(Path(matplotlib.get_data_path(), "sample_data", "jacksboro_fault_dem.npz"))
+    elevation = terrain["elevation"].astype(np.float64)
+    elevation = (elevation - elevation.min()) / np.ptp(elevation) * 255
+    found.append(("terrain", elevation.astype(np.uint8)))  # a relief map, greyscale
     return found
 
 

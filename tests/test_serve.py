@@ -292,7 +292,7 @@ def test_page_docs_and_schema_are_served(client: TestClient) -> None:
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "Research tool, not a medical device." in page.text
     assert "default-src 'self'" in page.headers["content-security-policy"]
-    assert 'accept=".jpg,.jpeg,.png,.dcm' in page.text
+    assert 'accept=".jpg,.jpeg,.png,.tif,.tiff,.dcm' in page.text
     for asset, kind in (("app.js", "javascript"), ("style.css", "text/css")):
         response = client.get(f"/static/{asset}")
         assert response.status_code == 200 and kind in response.headers["content-type"]
