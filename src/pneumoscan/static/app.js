@@ -340,7 +340,10 @@
       );
       return h("div", {}, ...parts);
     }
-    if (r.warning) parts.push(h("p", { class: "warning shifted", text: `Less reliable: ${r.warning}.` }));
+    if (r.warning) {
+      const text = r.warning.charAt(0).toUpperCase() + r.warning.slice(1);
+      parts.push(h("p", { class: "warning shifted", text: `${text}.` }));
+    }
     parts.push(probabilityBar(r));
     parts.push(
       h("p", {
