@@ -20,6 +20,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+MODEL_OPTION = typer.Option(
+    DEFAULT_MODEL,
+    "--model",
+    help="Bundled model (ensemble, dense, cnn, transfer) or a model folder.",
+)
+MODE_OPTION = typer.Option(
+    "detection", "--mode", help="Operating point: detection (sensitive) or balanced."
+)
 DATA_OPTION = typer.Option(
     ..., "--data", help="Data root holding {train,val,test}/{NORMAL,PNEUMONIA}/."
 )
@@ -144,11 +152,7 @@ def join(
 
 @app.command()
 def calibrate(
-    model: str = typer.Option(
-        DEFAULT_MODEL,
-        "--model",
-        help="Bundled model (ensemble, dense, cnn, transfer) or a model folder.",
-    ),
+    model: str = MODEL_OPTION,
     data: Path = typer.Option(
         ...,
         "--data",
@@ -256,14 +260,8 @@ def predict(
     paths: list[Path] = typer.Argument(
         ..., help="Image files (JPEG, PNG, DICOM) or folders, searched recursively."
     ),
-    model: str = typer.Option(
-        DEFAULT_MODEL,
-        "--model",
-        help="Bundled model (ensemble, dense, cnn, transfer) or a model folder.",
-    ),
-    mode: str = typer.Option(
-        "detection", "--mode", help="Operating point: detection (sensitive) or balanced."
-    ),
+    model: str = MODEL_OPTION,
+    mode: str = MODE_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON list, one object per file."),
     csv_file: Path | None = typer.Option(None, "--csv", help="Write the results to this CSV file."),
     heatmaps: Path | None = typer.Option(
@@ -354,11 +352,7 @@ def predict(
 
 @app.command()
 def export(
-    model: str = typer.Option(
-        DEFAULT_MODEL,
-        "--model",
-        help="Bundled model (ensemble, dense, cnn, transfer) or a model folder.",
-    ),
+    model: str = MODEL_OPTION,
     onnx: Path = typer.Option(..., "--onnx", help="ONNX file to write (dynamic batch)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
@@ -382,11 +376,7 @@ def serve(
         "127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every network interface)."
     ),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
-    model: str = typer.Option(
-        DEFAULT_MODEL,
-        "--model",
-        help="Bundled model (ensemble, dense, cnn, transfer) or a model folder.",
-    ),
+    model: str = MODEL_OPTION,
     max_file_mb: float = typer.Option(
         20, "--max-file-mb", min=0.001, help="Largest accepted upload, per file, in MB."
     ),
@@ -437,14 +427,8 @@ def listen(
         help="What to send back: sr (a structured report), sc (a heatmap "
         "Secondary Capture), or sr,sc.",
     ),
-    model: str = typer.Option(
-        DEFAULT_MODEL,
-        "--model",
-        help="Bundled model (ensemble, dense, cnn, transfer) or a model folder.",
-    ),
-    mode: str = typer.Option(
-        "detection", "--mode", help="Operating point: detection (sensitive) or balanced."
-    ),
+    model: str = MODEL_OPTION,
+    mode: str = MODE_OPTION,
     queue_dir: Path | None = typer.Option(
         None,
         "--queue",
