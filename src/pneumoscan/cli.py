@@ -13,8 +13,8 @@ from pneumoscan import DEFAULT_MODEL
 from pneumoscan.errors import PneumoscanError
 
 app = typer.Typer(
-    help="Pneumonia detection in chest X-rays: screen images, serve a web app, and train, join, "
-    "evaluate and export models.",
+    help="Pneumonia detection in chest X-rays: screen images, serve a web app, run a DICOM node, "
+    "calibrate on a site's images, and train, join, evaluate and export models.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
