@@ -246,6 +246,21 @@ def predict(
         help="Write a DICOM structured report (and with --heatmaps a Secondary Capture) here "
         "for every DICOM input, in the input's study.",
     ),
+    engine: str = typer.Option(
+        "plain",
+        "--engine",
+        help="plain (this process) or ray (Ray Data: a local Ray, or the cluster at "
+        "--ray-address; results stream to --csv or --parquet).",
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="--engine ray: join this cluster (auto or HOST:PORT)."
+    ),
+    parquet: Path | None = typer.Option(
+        None, "--parquet", help="--engine ray: write the results to this folder of Parquet parts."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="--engine ray: skip the files the output already holds."
+    ),
 ) -> None:
     """Screen image files. Exit code: 0 all files scored, 2 some files failed (the rest are still
     reported), 1 usage error. Images that do not look like chest X-rays get ood=true and no label."""
@@ -255,6 +270,17 @@ def predict(
 
     if mode not in POINTS:
         raise PneumoscanError(f"--mode {mode!r}: choose one of {', '.join(POINTS)}")
+    if engine not in ("plain", "ray"):
+        raise PneumoscanError(f"--engine {engine!r}: choose plain or ray")
+    if engine == "ray":
+        given = {"--json": as_json, "--heatmaps": heatmaps, "--sort": sort, "--shard": shard}
+        given |= {"--dicom-out": dicom_out, "--backend torch": backend == "torch"}
+        _predict_on_ray(paths, model, mode, csv_file, parquet, ray_address, resume, force, given)
+        return
+    ray_only = {"--ray-address": ray_address, "--parquet": parquet, "--resume": resume}
+    for option, value in ray_only.items():
+        if value:
+            raise PneumoscanError(f"{option} works with --engine ray")
     if backend not in ("auto", "torch", "onnx"):
         raise PneumoscanError(f"--backend {backend!r}: choose auto, torch or onnx")
     if as_json and csv_file:
@@ -303,6 +329,29 @@ def predict(
         + reports
     )
     if failed:
+        raise typer.Exit(2)
+
+
+def _predict_on_ray(paths, model, mode, csv_file, parquet, address, resume, force, given) -> None:
+    """`predict --engine ray`: refuse what the engine does not do, then stream to the output."""
+    from pneumoscan import engine_ray
+
+    for option, value in given.items():
+        if value:
+            raise PneumoscanError(f"{option} does not work with --engine ray")
+    if resume and csv_file is None and parquet is None:
+        raise PneumoscanError("--resume needs the output to continue: --csv FILE or --parquet DIR")
+    output = engine_ray.open_output(csv_file, parquet, resume, force)
+    s = engine_ray.run(paths, output, model, mode, address)
+    _stderr(
+        f"{s.written - s.failed} of {s.written} files scored in {s.seconds:.1f} s "
+        f"({s.written / max(s.seconds, 1e-9):.0f}/s; {model} model, {mode} point)"
+        + (f"; {s.skipped} already in the output" if s.skipped else "")
+        + (f"; {s.flagged} not chest X-rays (no label)" if s.flagged else "")
+        + (f"; {s.failed} failed" if s.failed else "")
+        + f"; wrote {csv_file or parquet}"
+    )
+    if s.failed:
         raise typer.Exit(2)
 
 

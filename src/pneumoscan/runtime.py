@@ -30,8 +30,13 @@ class OnnxModel(model_folder.ModelCard):
         return z, d
 
 
-def load(model: str | Path, threads: int | None = None) -> OnnxModel:
-    """A bundled model or model folder, ready to score with ONNX Runtime."""
+def load(
+    model: str | Path, threads: int | None = None, providers: list[str] | None = None
+) -> OnnxModel:
+    """A bundled model or model folder, ready to score with ONNX Runtime.
+
+    `providers`: ONNX Runtime execution providers in order of preference (default: the CPU).
+    """
     card = model_folder.read_card(model)
     if "onnx" in card.meta:
         path = card.file("onnx")
@@ -45,17 +50,19 @@ def load(model: str | Path, threads: int | None = None) -> OnnxModel:
 
             loaded = model_folder.load(model)
             export_onnx(loaded.scorer, loaded.input_size, path)
-    return OnnxModel(card.name, card.folder, card.meta, session(path, threads))
+    return OnnxModel(card.name, card.folder, card.meta, session(path, threads, providers))
 
 
-def session(path: Path, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session for the graph at `path`."""
+def session(path: Path, threads: int | None = None, providers: list[str] | None = None) -> Any:
+    """An ONNX Runtime session for the graph at `path` (on the CPU unless `providers` say)."""
     import onnxruntime as ort
 
+    available = ort.get_available_providers()
+    chosen = [p for p in providers or [] if p in available] or ["CPUExecutionProvider"]
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=chosen)
     except Exception as exc:  # onnxruntime raises its own types for unreadable graphs
         raise PneumoscanError(f"{path}: not a usable ONNX model ({exc})") from None
