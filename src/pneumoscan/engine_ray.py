@@ -27,6 +27,7 @@ from pneumoscan import predict as screening
 from pneumoscan.errors import PneumoscanError
 
 BATCH_SIZE = 32  # the plain command's batch: the same graph runs on the same batches
+BLOCK_ROWS = 2 * BATCH_SIZE  # files per decoding task
 ROWS_PER_PART = 10_000  # parquet: rows per part file, each written whole (a kill loses at most one)
 
 
@@ -240,12 +241,12 @@ def connect(address: str | None) -> bool:
         import ray.data
     except ImportError:
         raise PneumoscanError("--engine ray needs Ray: pip install 'pneumoscan[ray]'") from None
-    if ray.is_initialized():
-        return False
     quiet = {"log_to_driver": False, "logging_level": logging.ERROR, "include_dashboard": False}
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address not in (None, "auto"):
         _check_reachable(address)
+    if ray.is_initialized():  # a program (or a test) that runs Ray itself
+        return False
     try:
         if address is None:
             ray.init(num_cpus=os.cpu_count() or 1, **quiet)
@@ -340,8 +341,11 @@ def _stream(
     actors = gpus or max(1, cpus // 2)  # the other half of the cores decode
     items = [{"given": str(r), "absolute": str(r.resolve())} for r in roots]
     listed = ray.data.from_items(items).flat_map(_list, fn_args=(frozenset(done),))
+    # A folder lists as one block: cut it into small ones, so that decoding spreads over the
+    # cores and results come back (and are written) a few batches at a time.
+    listed = listed.repartition(target_num_rows_per_block=BLOCK_ROWS)
     decoded = listed.map_batches(
-        _decode, batch_size=BATCH_SIZE, fn_kwargs={"size": size}, num_cpus=1
+        _decode, batch_size=BATCH_SIZE, fn_kwargs={"size": size}, num_cpus=0.5
     )
     scored = decoded.map_batches(  # other resources than the decoding: Ray keeps them apart
         _Scorer,
