@@ -25,6 +25,13 @@ DATA_OPTION = typer.Option(
 )
 
 
+PRECISION_OPTION = typer.Option(
+    "fp32",  # runtime.DEFAULT_PRECISION, not imported here: the CLI starts without onnxruntime
+    "--precision",
+    help="fp32, or int8: the model folder's quantized graph (faster; see docs/performance.md).",
+)
+
+
 def _stderr(message: str) -> None:
     typer.echo(message, err=True)
 
@@ -261,6 +268,7 @@ def predict(
     resume: bool = typer.Option(
         False, "--resume", help="--engine ray: skip the files the output already holds."
     ),
+    precision: str = PRECISION_OPTION,
 ) -> None:
     """Screen image files. Exit code: 0 all files scored, 2 some files failed (the rest are still
     reported), 1 usage error. Images that do not look like chest X-rays get ood=true and no label."""
@@ -275,7 +283,8 @@ def predict(
     if engine == "ray":
         given = {"--json": as_json, "--heatmaps": heatmaps, "--sort": sort, "--shard": shard}
         given |= {"--dicom-out": dicom_out, "--backend torch": backend == "torch"}
-        _predict_on_ray(paths, model, mode, csv_file, parquet, ray_address, resume, force, given)
+        output = (csv_file, parquet)
+        _predict_on_ray(paths, model, mode, precision, output, ray_address, resume, force, given)
         return
     ray_only = {"--ray-address": ray_address, "--parquet": parquet, "--resume": resume}
     for option, value in ray_only.items():
@@ -293,11 +302,15 @@ def predict(
         raise PneumoscanError(f"no image files found in {', '.join(str(p) for p in paths)}")
     files = files[part]
     if backend == "torch" or (backend == "auto" and heatmaps is not None):
+        if precision != "fp32":
+            raise PneumoscanError(
+                "--precision int8 runs on ONNX Runtime: not with torch/--heatmaps"
+            )
         loaded = model_folder.load(model)
     else:
         from pneumoscan import runtime
 
-        loaded = runtime.load(model)
+        loaded = runtime.load(model, precision=precision)
     reporter = None
     if dicom_out is not None:
         from pneumoscan import dicom_report
@@ -332,17 +345,18 @@ def predict(
         raise typer.Exit(2)
 
 
-def _predict_on_ray(paths, model, mode, csv_file, parquet, address, resume, force, given) -> None:
+def _predict_on_ray(paths, model, mode, precision, output, address, resume, force, given) -> None:
     """`predict --engine ray`: refuse what the engine does not do, then stream to the output."""
     from pneumoscan import engine_ray
 
+    csv_file, parquet = output
     for option, value in given.items():
         if value:
             raise PneumoscanError(f"{option} does not work with --engine ray")
     if resume and csv_file is None and parquet is None:
         raise PneumoscanError("--resume needs the output to continue: --csv FILE or --parquet DIR")
     output = engine_ray.open_output(csv_file, parquet, resume, force)
-    s = engine_ray.run(paths, output, model, mode, address)
+    s = engine_ray.run(paths, output, model, mode, address, precision=precision)
     _stderr(
         f"{s.written - s.failed} of {s.written} files scored in {s.seconds:.1f} s "
         f"({s.written / max(s.seconds, 1e-9):.0f}/s; {model} model, {mode} point)"
@@ -405,6 +419,7 @@ def serve(
         help="A file holding the API token: every /api/v1 call then needs "
         "'Authorization: Bearer <token>' (the page asks for it).",
     ),
+    precision: str = PRECISION_OPTION,
 ) -> None:
     """Serve the screening page at / and the JSON API at /api/v1 (documented at /docs)."""
     import uvicorn
@@ -417,6 +432,7 @@ def serve(
         max_file_bytes=round(max_file_mb * service.MB),
         body_timeout=body_timeout,
         token=token,
+        precision=precision,
     )
     _stderr(
         f"serving the {web.state.model.name} model on http://{host}:{port}/ (API docs at /docs)"
@@ -473,6 +489,7 @@ def listen(
         min=0.1,
         help="Longest wait, in seconds, between tries to reach --forward.",
     ),
+    precision: str = PRECISION_OPTION,
 ) -> None:
     """Run a DICOM node: X-rays in by C-STORE, reports out to the PACS in the same study."""
     import logging
@@ -494,6 +511,7 @@ def listen(
         tls_key=tls_key,
         uid_root=uid_root or dicom_report.DEFAULT_UID_ROOT,
         retry_max_s=retry_max,
+        precision=precision,
     )
     if queue_dir is not None:
         config.queue = queue_dir

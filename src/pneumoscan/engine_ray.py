@@ -192,14 +192,14 @@ def _decode(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
 class _Scorer:
     """A Ray actor: the model folder loaded once, then batch after batch through its graph."""
 
-    def __init__(self, model: str, mode: str, threads: int | None):
+    def __init__(self, model: str, mode: str, precision: str, threads: int | None):
         import ray
 
         from pneumoscan import runtime
 
         gpu = bool(ray.get_gpu_ids())
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else None
-        self.model = runtime.load(model, threads=threads, providers=providers)
+        self.model = runtime.load(model, threads, providers, precision)
         self.mode = mode
         self.threshold = self.model.threshold(mode)
         self.schema = _arrow_schema()
@@ -281,12 +281,16 @@ def run(
     mode: str,
     address: str | None = None,
     progress: bool | None = None,
+    precision: str = "fp32",
 ) -> Summary:
     """Screen every file under `paths` into `output`, skipping those it already holds."""
     from pneumoscan import model_folder
 
     card = model_folder.read_card(model)  # a bad --model fails here, before Ray starts
     card.threshold(mode)
+    from pneumoscan import runtime
+
+    runtime.load(model, threads=1, precision=precision)  # a missing graph fails here, not in Ray
     roots = [Path(p) for p in paths]
     for root in roots:
         if not root.exists():
@@ -300,7 +304,7 @@ def run(
     where = str(model) if bundled else str(card.folder.resolve())
     begin = time.monotonic()
     try:
-        for rows in _stream(roots, output.done, where, card.input_size, mode):
+        for rows in _stream(roots, output.done, where, card.input_size, mode, precision):
             output.write(rows)
             summary.written += len(rows)
             summary.failed += sum(r["error"] is not None for r in rows)
@@ -327,7 +331,7 @@ def _progress_line(s: Summary) -> str:
 
 
 def _stream(
-    roots: list[Path], done: set[str], model: str, size: int, mode: str
+    roots: list[Path], done: set[str], model: str, size: int, mode: str, precision: str
 ) -> Iterator[list[dict]]:
     """The Ray Data pipeline; yields the results batch by batch, in the plain command's order."""
     import ray
@@ -350,7 +354,12 @@ def _stream(
     scored = decoded.map_batches(  # other resources than the decoding: Ray keeps them apart
         _Scorer,
         batch_size=BATCH_SIZE,
-        fn_constructor_kwargs={"model": model, "mode": mode, "threads": None if gpus else 1},
+        fn_constructor_kwargs={
+            "model": model,
+            "mode": mode,
+            "precision": precision,
+            "threads": None if gpus else 1,
+        },
         concurrency=(1, actors),
         num_cpus=0.5 if not gpus else 0,
         num_gpus=1 if gpus else 0,
