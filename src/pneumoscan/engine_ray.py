@@ -342,16 +342,16 @@ def _stream(
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    actors = gpus or max(1, cpus // 2)  # the other half of the cores decode
+    actors = gpus or cpus  # up to one per core; Ray fuses decoding into the scoring actor
     items = [{"given": str(r), "absolute": str(r.resolve())} for r in roots]
     listed = ray.data.from_items(items).flat_map(_list, fn_args=(frozenset(done),))
     # A folder lists as one block: cut it into small ones, so that decoding spreads over the
     # cores and results come back (and are written) a few batches at a time.
     listed = listed.repartition(target_num_rows_per_block=BLOCK_ROWS)
     decoded = listed.map_batches(
-        _decode, batch_size=BATCH_SIZE, fn_kwargs={"size": size}, num_cpus=0.5
+        _decode, batch_size=BATCH_SIZE, fn_kwargs={"size": size}, num_cpus=1
     )
-    scored = decoded.map_batches(  # other resources than the decoding: Ray keeps them apart
+    scored = decoded.map_batches(
         _Scorer,
         batch_size=BATCH_SIZE,
         fn_constructor_kwargs={
@@ -361,7 +361,7 @@ def _stream(
             "threads": None if gpus else 1,
         },
         concurrency=(1, actors),
-        num_cpus=0.5 if not gpus else 0,
+        num_cpus=1 if not gpus else 0,
         num_gpus=1 if gpus else 0,
     )
     for batch in scored.iter_batches(batch_format="pyarrow", batch_size=None):
