@@ -47,44 +47,54 @@ def dicom_bytes(ds: Dataset) -> bytes:
 
 
 @contextlib.contextmanager
-def serving(options: list[str], log: Path, wait_s: float = 180) -> Iterator[tuple[str, int]]:
-    """`pneumoscan serve OPTIONS` in its own process on a free 127.0.0.1 port, output to `log`.
+def running(
+    command: str, options: list[str], port: int, log: Path, ready, wait_s: float = 180
+) -> Iterator[int]:
+    """`pneumoscan COMMAND --port PORT OPTIONS` in its own process, output appended to `log`.
 
-    Yields (host, port) once /api/v1/health answers; stops the server at the end.
+    Yields once `ready()` is true; fails if the process exits or is not ready in `wait_s`;
+    stops it with SIGTERM at the end (SIGKILL after 60 s).
     """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        host, port = probe.getsockname()
-    with log.open("w") as out:
+    with log.open("a") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "pneumoscan", "serve", "--port", str(port), *options],
+            [sys.executable, "-m", "pneumoscan", command, "--port", str(port), *options],
             stdout=out,
             stderr=subprocess.STDOUT,
         )
     try:
         deadline = time.monotonic() + wait_s
-        while True:
+        while not ready():
             if process.poll() is not None:
                 pytest.fail(
-                    f"pneumoscan serve exited with {process.returncode}:\n{log.read_text()}"
+                    f"pneumoscan {command} exited with {process.returncode}:\n{log.read_text()}"
                 )
-            try:
-                health = f"http://{host}:{port}/api/v1/health"
-                if httpx.get(health, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
             if time.monotonic() > deadline:
-                pytest.fail(f"pneumoscan serve did not answer in {wait_s:g} s:\n{log.read_text()}")
+                pytest.fail(f"pneumoscan {command} not ready in {wait_s:g} s:\n{log.read_text()}")
             time.sleep(0.1)
-        yield host, port
+        yield port
     finally:
         process.terminate()
         try:
-            process.wait(timeout=20)
+            process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextlib.contextmanager
+def serving(options: list[str], log: Path, wait_s: float = 180) -> Iterator[tuple[str, int]]:
+    """`pneumoscan serve OPTIONS` on a free 127.0.0.1 port; yields (host, port) once
+    /api/v1/health answers."""
+    port = free_port()
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    with running("serve", options, port, log, healthy, wait_s):
+        yield "127.0.0.1", port
 
 
 def free_port() -> int:
@@ -113,33 +123,11 @@ def port_open(port: int) -> bool:
 def listening(
     options: list[str], log: Path, port: int | None = None, wait_s: float = 180
 ) -> Iterator[int]:
-    """`pneumoscan listen OPTIONS` in its own process on `port` (default: a free one), output
-    appended to `log`. Yields the port once it accepts connections; stops it with SIGTERM."""
+    """`pneumoscan listen OPTIONS` on `port` (default: a free one); yields the port once it
+    accepts connections."""
     port = port or free_port()
-    with log.open("a") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pneumoscan", "listen", "--port", str(port), *options],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + wait_s
-        while not port_open(port):
-            if process.poll() is not None:
-                pytest.fail(
-                    f"pneumoscan listen exited with {process.returncode}:\n{log.read_text()}"
-                )
-            if time.monotonic() > deadline:
-                pytest.fail(f"pneumoscan listen did not open its port:\n{log.read_text()}")
-            time.sleep(0.2)
+    with running("listen", options, port, log, lambda: port_open(port), wait_s):
         yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 # Settings that make a training run a few seconds on the small real subset.

@@ -15,6 +15,7 @@ import pytest
 from helpers import dicom_bytes, dicom_dataset, serving
 
 from pneumoscan import reader
+from pneumoscan.predict import FIELDS
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -27,7 +28,6 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "screenshot.png"
-FIELDS = ["file", "probability", "label", "threshold", "mode", "ood", "ood_score", "error"]
 
 pytestmark = [
     pytest.mark.slow,  # a real server and a real browser: seconds to start
@@ -125,7 +125,7 @@ def test_upload_shows_label_probability_and_heatmap(
             with page.expect_download() as download:
                 page.get_by_role("button", name="Download CSV").click()
             rows = list(csv.reader(io.StringIO(Path(download.value.path()).read_text())))
-            assert rows[0] == FIELDS and len(rows) == 5
+            assert rows[0] == list(FIELDS) and len(rows) == 5
             by_name = {row[0]: row for row in rows[1:]}
             assert by_name["broken.jpeg"][7].startswith("broken.jpeg: ")
             for name, result in expected.items():

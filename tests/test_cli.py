@@ -88,7 +88,12 @@ def test_bundled_model_regression_guard(
         "fp",
         "tn",
         "fn",
+        "sensitivity_ci",
+        "specificity_ci",
     }
+    for rate in ("sensitivity", "specificity"):
+        low, high = detection[f"{rate}_ci"]
+        assert low <= detection[rate] <= high and high - low < 0.2
     assert detection["sensitivity"] >= payload["operating_points"]["balanced"]["sensitivity"]
 
 

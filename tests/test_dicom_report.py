@@ -158,3 +158,24 @@ def test_dicom_out_that_is_a_file_is_refused(source_file: Path, tmp_path) -> Non
     target.write_text("mine")
     code, _, err = run_cli("predict", str(source_file), "--dicom-out", str(target))
     assert code == 1 and "exists and is not a folder" in err and target.read_text() == "mine"
+
+
+def test_an_adult_film_from_elsewhere_is_reported_as_shifted(model, tmp_path: Path) -> None:
+    external = Path(__file__).resolve().parents[2] / "shared" / "data" / "external"
+    film = external / "figure1_covid_cxr" / "images" / "COVID-00001.jpg"
+    if not film.exists():
+        pytest.skip("no external films")
+    ds = dicom_dataset(
+        reader.read_image(film),
+        StudyInstanceUID="1.2.826.0.1.3680043.8.498.9.5",
+        SeriesInstanceUID="1.2.826.0.1.3680043.8.498.9.5.1",
+    )
+    path = tmp_path / "adult.dcm"
+    path.write_bytes(dicom_bytes(ds))
+    (result,) = screening.predict(model, [path])
+    assert result.domain == "shifted" and result.label is not None
+    items = _items(dicom_report.Reporter(model).structured_report(ds, result))
+    assert (
+        items["Image domain"].ConceptCodeSequence[0].CodeMeaning.startswith("unlike the training")
+    )
+    assert "Pneumonia" in items and "Probability of pneumonia" in items

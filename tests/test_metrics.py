@@ -99,3 +99,20 @@ def test_operating_points_are_fit_on_calibrated_validation_probabilities() -> No
     assert points["detection"]["validation"]["sensitivity"] >= metrics.DETECTION_SENSITIVITY
     calibration = fitted["calibration"]
     assert calibration["validation_ece_after"] < calibration["validation_ece_before"]
+
+
+def test_point_bootstrap_intervals_hold_the_estimate_and_narrow_with_more_cases() -> None:
+    rng = np.random.default_rng(1)
+    small_labels = np.array([0] * 20 + [1] * 20)
+    small_probs = np.where(small_labels == 1, 0.8, 0.2) + rng.normal(0, 0.25, 40)
+    ci = metrics.point_bootstrap_ci(small_labels, small_probs, 0.5)
+    point = metrics.point_metrics(small_labels, small_probs, 0.5)
+    assert ci["sensitivity"][0] <= point.sensitivity <= ci["sensitivity"][1]
+    assert ci["specificity"][0] <= point.specificity <= ci["specificity"][1]
+    big_labels = np.repeat(small_labels, 10)
+    big_probs = np.repeat(small_probs, 10)
+    wide = ci["sensitivity"][1] - ci["sensitivity"][0]
+    narrow = metrics.point_bootstrap_ci(big_labels, big_probs, 0.5)["sensitivity"]
+    assert narrow[1] - narrow[0] < wide / 2
+    # Every case called positive: sensitivity is exactly 1 in every resample.
+    assert metrics.point_bootstrap_ci(small_labels, small_probs, -1.0)["sensitivity"] == (1.0, 1.0)

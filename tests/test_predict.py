@@ -13,7 +13,7 @@ import pytest
 from helpers import dicom_bytes, dicom_dataset
 from PIL import Image, ImageDraw
 
-from pneumoscan import model_folder, predict
+from pneumoscan import model_folder, predict, runtime
 from pneumoscan.errors import PneumoscanError
 
 
@@ -178,8 +178,13 @@ def test_expand_paths(tmp_path: Path, xray_files: list[Path]) -> None:
         (tmp_path / "a" / ("b" if i else "") / f.name).write_bytes(f.read_bytes())
     (tmp_path / "a" / "README.txt").write_text("notes")
     (tmp_path / "a" / "export0001").write_bytes(b"DICOM export without a suffix")
+    (tmp_path / "a" / "b" / "clip.gif").write_bytes(b"GIF89a")
+    (tmp_path / "a" / ".DS_Store").write_bytes(b"hidden")
     found = predict.expand_paths([tmp_path / "a"])
     assert {p.name for p in found} == {*(f.name for f in xray_files[:3]), "export0001"}
+    scan = predict.scan_paths([tmp_path / "a"])
+    assert scan.skipped == {".txt": 1, ".gif": 1}
+    assert scan.note() == "skipped 2 files with unsupported suffixes: .gif, .txt"
     with pytest.raises(PneumoscanError, match="no such file"):
         predict.expand_paths([tmp_path / "missing.jpg"])
 
@@ -260,3 +265,15 @@ def test_memory_stays_flat_over_many_files(
     assert first.error is None
     assert consumed <= 8 * 4  # at most the batches in flight were read ahead
     assert sum(1 for _ in stream) == 199
+
+
+def test_tiff_scores_as_png_does_in_8_and_16_bits(xray_files: list[Path], tmp_path: Path) -> None:
+    """Film digitisers write TIFF; 16-bit values v * 257 come back as v exactly."""
+    grey = np.asarray(Image.open(xray_files[4]).convert("L"))
+    Image.fromarray(grey).save(tmp_path / "film.png")
+    Image.fromarray(grey).save(tmp_path / "film8.tif")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "film16.tiff")
+    files = predict.expand_paths([tmp_path])
+    assert sorted(p.suffix for p in files) == [".png", ".tif", ".tiff"]
+    results = list(predict.predict(runtime.load("ensemble"), files))
+    assert all(r.error is None for r in results) and len({r.probability for r in results}) == 1

@@ -23,6 +23,9 @@ def _evaluation(name: str) -> Evaluation:
         operating_points={
             p: metrics.point_metrics(labels, probs, thresholds[p]) for p in metrics.POINTS
         },
+        point_cis={
+            p: metrics.point_bootstrap_ci(labels, probs, thresholds[p]) for p in metrics.POINTS
+        },
     )
 
 

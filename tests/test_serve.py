@@ -18,7 +18,19 @@ from PIL import Image
 from pneumoscan import model_folder, reader
 from pneumoscan.serve import create_app
 
-FIELDS_IN_ORDER = ("file", "probability", "label", "threshold", "mode", "ood", "ood_score", "error")
+# The API's contract: these fields, in this order (domain and warning came last, with issue 19).
+FIELDS_IN_ORDER = (
+    "file",
+    "probability",
+    "label",
+    "threshold",
+    "mode",
+    "ood",
+    "ood_score",
+    "error",
+    "domain",
+    "warning",
+)
 FIELDS = set(FIELDS_IN_ORDER)
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 
@@ -280,7 +292,7 @@ def test_page_docs_and_schema_are_served(client: TestClient) -> None:
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "Research tool, not a medical device." in page.text
     assert "default-src 'self'" in page.headers["content-security-policy"]
-    assert 'accept=".jpg,.jpeg,.png,.dcm' in page.text
+    assert 'accept=".jpg,.jpeg,.png,.tif,.tiff,.dcm' in page.text
     for asset, kind in (("app.js", "javascript"), ("style.css", "text/css")):
         response = client.get(f"/static/{asset}")
         assert response.status_code == 200 and kind in response.headers["content-type"]

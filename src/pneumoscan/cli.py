@@ -20,6 +20,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+MODEL_OPTION = typer.Option(
+    DEFAULT_MODEL,
+    "--model",
+    help="Bundled model (ensemble, dense, cnn, transfer) or a model folder.",
+)
+MODE_OPTION = typer.Option(
+    "detection", "--mode", help="Operating point: detection (sensitive) or balanced."
+)
 DATA_OPTION = typer.Option(
     ..., "--data", help="Data root holding {train,val,test}/{NORMAL,PNEUMONIA}/."
 )
@@ -150,6 +158,43 @@ def join(
 
 
 @app.command()
+def calibrate(
+    model: str = MODEL_OPTION,
+    data: Path = typer.Option(
+        ...,
+        "--data",
+        help="Your site's labelled images: DATA/NORMAL/ and DATA/PNEUMONIA/ (any format, "
+        "subfolders searched).",
+    ),
+    out: Path = typer.Option(..., "--out", help="Folder for the calibrated model (a new one)."),
+    target_sensitivity: float = typer.Option(
+        0.98, "--target-sensitivity", help="The detection point's sensitivity on your images."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace a folder already at --out."),
+) -> None:
+    """Refit calibration and both operating points on your site's own images (weights untouched)."""
+    from pneumoscan import calibrate as site
+
+    fitted = site.calibrate(model, data, out, target_sensitivity, force)
+    for reason in fitted.skipped:
+        _stderr(f"skipped {reason}")
+    counts = ", ".join(f"{n} {name}" for name, n in fitted.counts.items())
+    typer.echo(
+        f"{out}: {fitted.model.name} calibrated on {counts}; calibration error (ECE) "
+        f"{fitted.ece_before:.3f} before, {fitted.ece_after:.3f} after"
+    )
+    for name, p in fitted.points.items():
+        sens, spec = p["sensitivity_ci"], p["specificity_ci"]
+        typer.echo(
+            f"  {name}: threshold {p['threshold']:.3f}, sensitivity {p['sensitivity']:.3f} "
+            f"({sens[0]:.3f}-{sens[1]:.3f}), specificity {p['specificity']:.3f} "
+            f"({spec[0]:.3f}-{spec[1]:.3f}) on these images (95% bootstrap)"
+        )
+    for warning in fitted.warnings:
+        _stderr(f"warning: {warning}")
+
+
+@app.command()
 def evaluate(
     model: list[str] = typer.Option(
         [DEFAULT_MODEL],
@@ -222,14 +267,8 @@ def predict(
     paths: list[Path] = typer.Argument(
         ..., help="Image files (JPEG, PNG, DICOM) or folders, searched recursively."
     ),
-    model: str = typer.Option(
-        DEFAULT_MODEL,
-        "--model",
-        help="Bundled model (ensemble, dense, cnn, transfer) or a model folder.",
-    ),
-    mode: str = typer.Option(
-        "detection", "--mode", help="Operating point: detection (sensitive) or balanced."
-    ),
+    model: str = MODEL_OPTION,
+    mode: str = MODE_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON list, one object per file."),
     csv_file: Path | None = typer.Option(None, "--csv", help="Write the results to this CSV file."),
     heatmaps: Path | None = typer.Option(
@@ -297,7 +336,10 @@ def predict(
     if csv_file is not None and csv_file.exists() and not force:
         raise PneumoscanError(f"--csv {csv_file}: file exists; pass --force to overwrite it")
     part = screening.parse_shard(shard) if shard is not None else slice(None)
-    files = screening.expand_paths(paths)
+    scan = screening.scan_paths(paths)
+    files = scan.files
+    if scan.note():
+        _stderr(scan.note())
     if not files:
         raise PneumoscanError(f"no image files found in {', '.join(str(p) for p in paths)}")
     files = files[part]
@@ -319,7 +361,7 @@ def predict(
         reporter = dicom_report.Reporter(loaded, ("sr", "sc") if heatmaps is not None else ("sr",))
     results = list(screening.predict(loaded, files, mode, heatmaps=heatmaps))
     if sort:
-        results.sort(key=lambda r: -1.0 if r.probability is None else r.probability, reverse=True)
+        results.sort(key=screening.triage_order)
     if as_json:
         typer.echo(json.dumps([r.to_dict() for r in results], indent=2))
     elif csv_file is not None:
@@ -334,8 +376,10 @@ def predict(
         )
     failed = sum(r.error is not None for r in results)
     flagged = sum(bool(r.ood) for r in results)
+    shifted = sum(r.domain == "shifted" for r in results)
     _stderr(
         f"{len(results) - failed} of {len(results)} files scored ({loaded.name} model, {mode} point)"
+        + (f"; {shifted} unlike the training images (less reliable)" if shifted else "")
         + (f"; {flagged} not chest X-rays (no label)" if flagged else "")
         + (f"; {failed} failed" if failed else "")
         + (f"; wrote {csv_file}" if csv_file else "")
@@ -371,11 +415,7 @@ def _predict_on_ray(paths, model, mode, precision, output, address, resume, forc
 
 @app.command()
 def export(
-    model: str = typer.Option(
-        DEFAULT_MODEL,
-        "--model",
-        help="Bundled model (ensemble, dense, cnn, transfer) or a model folder.",
-    ),
+    model: str = MODEL_OPTION,
     onnx: Path = typer.Option(..., "--onnx", help="ONNX file to write (dynamic batch)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
@@ -399,11 +439,7 @@ def serve(
         "127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every network interface)."
     ),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
-    model: str = typer.Option(
-        DEFAULT_MODEL,
-        "--model",
-        help="Bundled model (ensemble, dense, cnn, transfer) or a model folder.",
-    ),
+    model: str = MODEL_OPTION,
     max_file_mb: float = typer.Option(
         20, "--max-file-mb", min=0.001, help="Largest accepted upload, per file, in MB."
     ),
@@ -456,14 +492,8 @@ def listen(
         help="What to send back: sr (a structured report), sc (a heatmap "
         "Secondary Capture), or sr,sc.",
     ),
-    model: str = typer.Option(
-        DEFAULT_MODEL,
-        "--model",
-        help="Bundled model (ensemble, dense, cnn, transfer) or a model folder.",
-    ),
-    mode: str = typer.Option(
-        "detection", "--mode", help="Operating point: detection (sensitive) or balanced."
-    ),
+    model: str = MODEL_OPTION,
+    mode: str = MODE_OPTION,
     queue_dir: Path | None = typer.Option(
         None,
         "--queue",

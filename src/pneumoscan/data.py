@@ -17,7 +17,8 @@ import numpy as np
 from pneumoscan import reader
 from pneumoscan.errors import ImageReadError, PneumoscanError
 
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm", ".dicom"}
+# TIFF: what film digitisers write (8 or 16 bit).
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".tif", ".tiff", ".dcm", ".dicom"}
 DATA_HELP = (
     "get the Kermany et al. chest X-ray data (Kaggle 'chest-xray-pneumonia', or Mendeley "
     "doi:10.17632/rscbjbr9sj.2) and unpack it so that DIR/{train,val,test}/{NORMAL,PNEUMONIA} exist"
@@ -74,7 +75,7 @@ def list_split(root: str | Path, split: str) -> Split:
                 files.append(path)
                 labels.append(index)
     if not files:
-        raise PneumoscanError(f"{folder} holds no images (.jpeg, .jpg, .png, .dcm)")
+        raise PneumoscanError(f"{folder} holds no images (.jpeg, .jpg, .png, .tif, .dcm)")
     return Split(files, np.asarray(labels, dtype=np.int64), classes)
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pneumoscan import __version__
+from pneumoscan import __version__, domain
 from pneumoscan.errors import PneumoscanError
 
 if TYPE_CHECKING:
@@ -44,10 +44,11 @@ IMAGE_STORAGE = {
     "1.2.840.10008.5.1.4.1.1.1": "Computed Radiography Image Storage",
     "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
 }
+# The SR's words for each domain outcome: a code meaning holds at most 64 characters.
 DOMAIN_TEXT = {
-    "in_domain": "like the training images",
-    "shifted": "unlike the training images (children aged 1-5, one hospital): less reliable",
-    "not_chest_xray": "not a chest X-ray: no finding made",
+    domain.IN_DOMAIN: "like the training images",
+    domain.SHIFTED: "unlike the training images: less reliable",
+    domain.NOT_CHEST_XRAY: "not a chest X-ray: no finding made",
 }
 _SCHEME = "99PNEUMOSCAN"  # a private coding scheme (99...) for concepts no standard names
 
@@ -59,11 +60,10 @@ def _private(value: str, meaning: str):
 
 
 def domain_of(result: Prediction) -> str:
-    """The result's domain outcome; a guard that flags the image means it is not a chest X-ray."""
-    domain = getattr(result, "domain", None)
-    if domain:
-        return domain
-    return "not_chest_xray" if result.ood else "in_domain"
+    """The result's domain outcome (a result made without one: from its guard flag)."""
+    if result.domain:
+        return result.domain
+    return domain.NOT_CHEST_XRAY if result.ood else domain.IN_DOMAIN
 
 
 def read_source(data: bytes) -> Dataset | None:
@@ -169,11 +169,11 @@ class Reporter:
             parameters=[f"operating point {result.mode}", f"threshold {result.threshold:.4f}"],
             manufacturer=MANUFACTURER,
         )
-        domain = domain_of(result)
+        outcome = domain_of(result)
         evaluations = [
             QualitativeEvaluation(
                 _private("DOMAIN", "Image domain"),
-                _private(domain.upper()[:16], DOMAIN_TEXT[domain]),
+                _private(outcome.upper()[:16], DOMAIN_TEXT[outcome]),
             ),
             QualitativeEvaluation(
                 _private("OPPOINT", "Operating point"),
@@ -183,7 +183,7 @@ class Reporter:
         measurements = [
             Measurement(_private("THRESHOLD", "Decision threshold"), result.threshold, unit),
         ]
-        if domain != "not_chest_xray":
+        if outcome != domain.NOT_CHEST_XRAY:
             present = result.label == self.card.class_names[1]
             evaluations.insert(
                 0,

@@ -23,6 +23,7 @@ class Evaluation:
     auc_ci: tuple[float, float]
     ece: float
     operating_points: dict[str, metrics.PointMetrics]
+    point_cis: dict[str, dict[str, tuple[float, float]]]  # bootstrap sensitivity/specificity
 
     @property
     def n(self) -> int:
@@ -36,7 +37,14 @@ class Evaluation:
             "auc": self.auc,
             "auc_ci": list(self.auc_ci),
             "ece": self.ece,
-            "operating_points": {k: v.to_dict() for k, v in self.operating_points.items()},
+            "operating_points": {
+                k: {
+                    **v.to_dict(),
+                    "sensitivity_ci": list(self.point_cis[k]["sensitivity"]),
+                    "specificity_ci": list(self.point_cis[k]["specificity"]),
+                }
+                for k, v in self.operating_points.items()
+            },
         }
 
 
@@ -64,6 +72,10 @@ def evaluate(
         ece=metrics.expected_calibration_error(labels, probs),
         operating_points={
             name: metrics.point_metrics(labels, probs, model.threshold(name))
+            for name in model.meta["operating_points"]
+        },
+        point_cis={
+            name: metrics.point_bootstrap_ci(labels, probs, model.threshold(name), n_boot)
             for name in model.meta["operating_points"]
         },
     )

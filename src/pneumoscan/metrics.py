@@ -85,6 +85,34 @@ def auc_bootstrap_ci(
     return float(lo), float(hi)
 
 
+def point_bootstrap_ci(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    threshold: float,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of sensitivity and specificity at `threshold`, resampling
+    cases with replacement (the same resamples for both)."""
+    labels = np.asarray(labels)
+    called = np.asarray(probs) >= threshold
+    rng = np.random.default_rng(seed)
+    sens, spec = [], []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(labels), len(labels))
+        y, c = labels[idx], called[idx]
+        if y.min() == y.max():
+            continue  # a one-class resample has no sensitivity or specificity
+        sens.append(c[y == 1].mean())
+        spec.append((~c[y == 0]).mean())
+    alpha = (1 - level) / 2
+    return {
+        "sensitivity": tuple(float(v) for v in np.quantile(sens, [alpha, 1 - alpha])),
+        "specificity": tuple(float(v) for v in np.quantile(spec, [alpha, 1 - alpha])),
+    }
+
+
 def youden_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
     """The threshold maximising sensitivity + specificity - 1 (the balanced point)."""
     from sklearn.metrics import roc_curve
@@ -143,19 +171,25 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
 
 
-def fit_operating_points(val_labels: np.ndarray, val_logits: np.ndarray) -> dict:
-    """Platt calibration and both thresholds, all from validation: model.json's sections."""
+def fit_operating_points(
+    val_labels: np.ndarray,
+    val_logits: np.ndarray,
+    min_sensitivity: float = DETECTION_SENSITIVITY,
+    source: str = "validation",
+) -> dict:
+    """Platt calibration and both thresholds, all from `source` (validation, or a site's own
+    images): model.json's sections."""
     scale, bias = fit_platt(val_labels, val_logits)
     raw = sigmoid(val_logits)
     probs = sigmoid(scale * val_logits + bias)
     balanced = youden_threshold(val_labels, probs)
     # Detection trades accuracy for sensitivity, so it is never less sensitive than balanced.
-    detection = min(detection_threshold(val_labels, probs), balanced)
+    detection = min(detection_threshold(val_labels, probs, min_sensitivity), balanced)
     rules = {
-        "balanced": (balanced, "max Youden's J on validation"),
+        "balanced": (balanced, f"max Youden's J on {source}"),
         "detection": (
             detection,
-            f"highest threshold with validation sensitivity >= {DETECTION_SENSITIVITY}"
+            f"highest threshold with {source} sensitivity >= {min_sensitivity}"
             " (and at most the balanced threshold)",
         ),
     }
@@ -169,7 +203,7 @@ def fit_operating_points(val_labels: np.ndarray, val_logits: np.ndarray) -> dict
             for name in POINTS
         },
         "calibration": {
-            "method": "Platt scaling of the logit, fit on validation",
+            "method": f"Platt scaling of the logit, fit on {source}",
             "scale": scale,
             "bias": bias,
             "validation_ece_before": expected_calibration_error(val_labels, raw),

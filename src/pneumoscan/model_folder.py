@@ -72,6 +72,15 @@ class ModelCard:
     def ood_threshold(self) -> float | None:
         return self.meta["ood"]["threshold"] if "ood" in self.meta else None
 
+    def domain(self, distance: float) -> str:
+        """The domain tier of one guard distance: in_domain, shifted or not_chest_xray."""
+        from pneumoscan import domain
+
+        ood = self.meta.get("ood")
+        if ood is None:
+            return domain.IN_DOMAIN
+        return domain.outcome(distance, ood["threshold"], ood.get("outer_threshold"))
+
     def calibrate(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated probabilities of PNEUMONIA from raw logits (Platt scaling fit on validation)."""
         calibration = self.meta.get("calibration", {})
@@ -199,6 +208,11 @@ def save(
         "sha256": _sha256(folder / ONNX_FILE),
         "external": external,  # model.json keys of the files that hold the graph's weights
     }
+    write_meta(folder, meta)
+
+
+def write_meta(folder: Path, meta: dict) -> None:
+    """Replace a model folder's model.json (written beside it, then renamed into place)."""
     tmp = folder / f".{META_FILE}.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, folder / META_FILE)

@@ -1,6 +1,7 @@
 """What follows a trained network, fit on the model's own split through the inference path.
 
-The not-a-chest-X-ray guard on the training images; then, on validation, Platt calibration and
+The not-a-chest-X-ray guard on the training images, and its outer tier on validation X-rays
+under the shift views (domain.py); then, on validation, Platt calibration and
 the two operating points (`metrics.fit_operating_points`). Run after training and after joining,
 and again after a model's weights are converted (e.g. to fp16 for bundling), so the thresholds
 match the weights that ship.
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumoscan import data, guard, metrics, model_folder
+from pneumoscan import data, domain, guard, metrics, model_folder
 from pneumoscan.config import saved_config
 from pneumoscan.device import trunk_features
 from pneumoscan.errors import PneumoscanError
@@ -62,7 +63,10 @@ def fit_postprocessing(
         dtype=getattr(torch, model.meta["weights"]["dtype"]),
         ood=ood,
     )
-    return model_folder.load(model.folder)
+    fitted = model_folder.load(model.folder)
+    fitted.meta["ood"].update(domain.fit_outer(fitted, Path(data_root)))
+    model_folder.write_meta(fitted.folder, fitted.meta)
+    return fitted
 
 
 def _pooled(trunk, images: np.ndarray, idx: np.ndarray, batch_size: int) -> np.ndarray:

@@ -16,17 +16,32 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan import reader
+from pneumoscan import domain, reader
 from pneumoscan.data import IMAGE_SUFFIXES
 from pneumoscan.errors import ImageReadError, PneumoscanError
 from pneumoscan.model_folder import LoadedModel, ModelCard
 
-FIELDS = ("file", "probability", "label", "threshold", "mode", "ood", "ood_score", "error")
+FIELDS = (
+    "file",
+    "probability",
+    "label",
+    "threshold",
+    "mode",
+    "ood",
+    "ood_score",
+    "error",
+    "domain",
+    "warning",
+)
 
 
 @dataclass
 class Prediction:
-    """The result for one file; `label` is None when the file is out of distribution or failed."""
+    """The result for one file; `label` is None when the file is not a chest X-ray or failed.
+
+    `domain` is in_domain, shifted (a chest X-ray unlike the training images: scored, with a
+    `warning`) or not_chest_xray (`ood` true, no label); None when the file could not be read.
+    """
 
     file: str
     probability: float | None = None
@@ -36,6 +51,8 @@ class Prediction:
     ood: bool | None = None
     ood_score: float | None = None
     error: str | None = None
+    domain: str | None = None
+    warning: str | None = None
     heatmap: str | None = None  # the PNG's path, when written to a folder
     heatmap_png: bytes | None = field(default=None, repr=False)
 
@@ -47,27 +64,62 @@ class Prediction:
         return out
 
 
-def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+def triage_order(result: Prediction) -> tuple[int, float]:
+    """Sort key of a triage list: scored images by probability, highest first; then those that
+    are not chest X-rays, then files that could not be read (neither has a score to rank by)."""
+    if result.error is not None:
+        return (2, 0.0)
+    if result.ood:
+        return (1, 0.0)
+    return (0, -(result.probability or 0.0))
+
+
+@dataclass
+class Scan:
+    """The files a list of paths names, and what folder scans passed over, by suffix."""
+
+    files: list[Path]
+    skipped: dict[str, int]
+
+    def note(self) -> str | None:
+        """E.g. "skipped 2 files with unsupported suffixes: .gif, .txt"; None when none."""
+        if not self.skipped:
+            return None
+        n = sum(self.skipped.values())
+        return f"skipped {n} file{'s' if n > 1 else ''} with unsupported suffixes: " + ", ".join(
+            sorted(self.skipped)
+        )
+
+
+def scan_paths(paths: Iterable[str | Path]) -> Scan:
     """Files as given; folders recursively (image suffixes, or none as DICOM exports often have).
 
-    A path that does not exist is a usage error, raised before any work starts.
+    A path that does not exist is a usage error, raised before any work starts. Hidden files
+    are passed over silently; other files with a suffix the reader does not take are counted.
     """
     files: list[Path] = []
+    skipped: dict[str, int] = {}
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files.extend(
-                p
-                for p in sorted(path.rglob("*"))
-                if p.is_file()
-                and not p.name.startswith(".")
-                and (p.suffix.lower() in IMAGE_SUFFIXES or not p.suffix)
-            )
+            for p in sorted(path.rglob("*")):
+                if not p.is_file() or p.name.startswith("."):
+                    continue
+                suffix = p.suffix.lower()
+                if suffix in IMAGE_SUFFIXES or not suffix:
+                    files.append(p)
+                else:
+                    skipped[suffix] = skipped.get(suffix, 0) + 1
         elif path.exists():
             files.append(path)
         else:
             raise PneumoscanError(f"{path}: no such file or folder")
-    return files
+    return Scan(files, skipped)
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """The files of `scan_paths`."""
+    return scan_paths(paths).files
 
 
 Source = Path | tuple[str, bytes]  # a file, or (name, content) of an upload held in memory
@@ -157,18 +209,20 @@ def score_decoded(
     if good:
         logits, distances = model.raw_scores(np.stack([d.image for d in good]))
         probs = model.calibrate(logits)
-        ood_limit = model.ood_threshold
+        guarded = model.ood_threshold is not None
         for d, p, dist in zip(good, probs, distances, strict=True):
-            ood = bool(ood_limit is not None and dist > ood_limit)
-            label = None if ood else model.class_names[int(p >= threshold)]
+            tier = model.domain(float(dist))
+            ood = tier == domain.NOT_CHEST_XRAY
             results[id(d)] = Prediction(
                 file=d.name,
                 probability=float(p),
-                label=label,
+                label=None if ood else model.class_names[int(p >= threshold)],
                 threshold=threshold,
                 mode=mode,
                 ood=ood,
-                ood_score=float(dist) if ood_limit is not None else None,
+                ood_score=float(dist) if guarded else None,
+                domain=tier,
+                warning=domain.WARNINGS.get(tier),
             )
     for d in decoded:
         if d.image is None:

@@ -32,7 +32,7 @@ MAX_JPEG_SCANS = 100  # encoders write about 10; each scan re-decodes the whole 
 MAX_INFLATED = 4 * MAX_PIXELS  # bytes: a deflated DICOM of 16-bit grey or 8-bit RGB at the limit
 VERSION = 1  # bump when read_image or resize changes the pixels: it keys the decode cache
 DATASET_SIDE = 224  # every training image is 224x224 (the originals squashed with Lanczos)
-_UNSUPPORTED = "not a supported image (use JPEG, PNG or DICOM)"
+_UNSUPPORTED = "not a supported image (use JPEG, PNG, TIFF or DICOM)"
 # pydicom's warnings can quote patient data: DICOM is parsed with them off, one file at a time.
 _DICOM_LOCK = threading.Lock()
 _BROKEN_DICOM = "broken or truncated DICOM file; export it again from the PACS or modality"

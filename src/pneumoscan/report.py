@@ -69,10 +69,13 @@ def print_predictions(results: list) -> None:
         if r.error:
             verdict = f"[red]error: {r.error}[/red]"
         elif r.ood:
-            verdict = "[yellow]not a chest X-ray? (no label)[/yellow]"
+            verdict = f"[yellow]{r.warning}[/yellow]"
         else:
             verdict = f"[bold]{r.label}[/bold]" if r.label == "PNEUMONIA" else r.label
-        probability = "" if r.probability is None else f"{r.probability:.3f}"
+            if r.warning:
+                verdict += f" [yellow]({r.warning})[/yellow]"
+        # A score of what is not a chest X-ray means nothing: not shown.
+        probability = "" if r.probability is None or r.ood else f"{r.probability:.3f}"
         threshold = "" if r.threshold is None else f"{r.threshold:.3f}"
         table.add_row(r.file, probability, threshold, verdict)
     Console(width=None if sys.stdout.isatty() else 140).print(table)

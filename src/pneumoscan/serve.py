@@ -25,7 +25,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pneumoscan import __version__, model_folder, runtime
+from pneumoscan import __version__, domain, model_folder, runtime
 from pneumoscan import predict as screening
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.metrics import POINTS
@@ -85,7 +85,7 @@ def create_app(
 
     @app.post("/api/v1/predict")
     async def predict(
-        files: list[UploadFile] = File(..., description="Chest X-rays: JPEG, PNG or DICOM."),
+        files: list[UploadFile] = File(..., description="Chest X-rays: JPEG, PNG, TIFF or DICOM."),
         mode: Literal[POINTS] = Query(
             "detection", description="Operating point: detection (sensitive) or balanced."
         ),
@@ -111,7 +111,7 @@ def create_app(
             raise HTTPException(400, str(exc)) from None
         if all(r["error"] is not None for r in results):
             reasons = "; ".join(r["error"] for r in results)
-            raise HTTPException(415, f"no readable image (JPEG, PNG or DICOM): {reasons}")
+            raise HTTPException(415, f"no readable image (JPEG, PNG, TIFF or DICOM): {reasons}")
         return {"model": loaded.name, "results": results}
 
     @app.get("/api/v1/health")
@@ -151,7 +151,24 @@ def model_card(loaded: model_folder.ModelCard, max_file_bytes: int, max_files: i
         "calibration": meta.get("calibration"),
         "ood": None
         if ood is None
-        else {k: ood.get(k) for k in ("threshold", "validation_pass_rate", "method")},
+        else {
+            k: ood.get(k)
+            for k in (
+                "threshold",
+                "validation_pass_rate",
+                "method",
+                "outer_threshold",
+                "outer_rule",
+            )
+        },
+        "domain": {
+            "outcomes": list(domain.DOMAINS),
+            "warnings": domain.WARNINGS,
+            "trained_on": domain.TRAINED_ON,
+            "tiers": "in_domain: guard distance <= ood.threshold (99.5% of validation X-rays); "
+            "shifted: up to ood.outer_threshold; not_chest_xray: beyond it",
+        },
+        "site_calibration": meta.get("site_calibration"),
         "pneumoscan_version": __version__,
         "format_version": meta["format_version"],
         "limits": {"max_file_bytes": max_file_bytes, "max_files": max_files},

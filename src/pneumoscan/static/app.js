@@ -120,7 +120,8 @@
         (card.members === 1 && card.name !== card.architecture ? `${card.architecture}, ` : "");
       ui.model.textContent =
         `Model: ${card.name} (${about}${card.input_size}×${card.input_size} pixels). ` +
-        `Thresholds: ${points.join("; ")}. Files up to ${sizeText(state.limits.max_file_bytes)}.`;
+        `Thresholds: ${points.join("; ")}. Files up to ${sizeText(state.limits.max_file_bytes)}.` +
+        (card.domain ? ` Trained on ${card.domain.trained_on}: other X-rays are marked less reliable.` : "");
     } catch (err) {
       ui.model.textContent = `Could not load the model description: ${err.message}`;
     }
@@ -189,7 +190,7 @@
       } catch (err) {
         const message = (e) =>
           err.status === 415 && chunk.length > 1
-            ? `${e.file.name}: not a readable image (use JPEG, PNG or DICOM)`
+            ? `${e.file.name}: not a readable image (use JPEG, PNG, TIFF or DICOM)`
             : err.message;
         results = chunk.map((e) => failure(e.file.name, message(e), mode));
       }
@@ -229,10 +230,13 @@
 
   // ---- rendering -----------------------------------------------------------------------
 
-  // Most likely pneumonia first; unreadable files and those still being scored last.
+  // Most likely pneumonia first; then what is not a chest X-ray, unreadable files and those
+  // still being scored: none of those has a probability to rank by.
   function rank(entry) {
     const r = entry.result;
-    if (!r) return -2;
+    if (!r) return -4;
+    if (r.error) return -3;
+    if (r.ood) return -2;
     return typeof r.probability === "number" ? r.probability : -1;
   }
 
@@ -264,8 +268,10 @@
       if (n) parts.push(`${n} ${name}`);
     }
     const ood = count((r) => r.ood === true);
+    const shifted = count((r) => r.domain === "shifted");
     const failed = count((r) => r.error !== null);
     const pending = results.filter((r) => !r).length;
+    if (shifted) parts.push(`${shifted} unlike the training images`);
     if (ood) parts.push(`${ood} not a chest X-ray`);
     if (failed) parts.push(`${failed} unreadable`);
     if (pending) parts.push(`${pending} being scored`);
@@ -325,12 +331,18 @@
     const labelText = r.label ?? "no label";
     parts.push(h("p", { class: `label label-${(r.label || "none").toLowerCase()}`, text: labelText }));
     if (r.ood) {
+      // No probability bar and no number: a score of something that is not a chest X-ray means nothing.
       parts.push(
         h("p", {
           class: "warning",
-          text: "This does not look like a chest X-ray, so it gets no label. The probability below is not meaningful.",
+          text: "This does not look like a chest X-ray, so it gets no label and no score.",
         }),
       );
+      return h("div", {}, ...parts);
+    }
+    if (r.warning) {
+      const text = r.warning.charAt(0).toUpperCase() + r.warning.slice(1);
+      parts.push(h("p", { class: "warning shifted", text: `${text}.` }));
     }
     parts.push(probabilityBar(r));
     parts.push(

@@ -1,0 +1,174 @@
+"""Site calibration: refit a model's calibration and operating points on a site's own labelled
+images, without touching its weights, into a complete new model folder.
+
+A site's films differ from the training hospital's (exposure, equipment, patients), so the
+probabilities and thresholds fitted on the training validation split do not hold there. The
+weights, guard and ONNX graph are copied as they are (their checksums still hold); model.json
+gets the new calibration and points and says where they came from.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pneumoscan import data, metrics, model_folder, reader
+from pneumoscan.errors import ImageReadError, PneumoscanError
+
+
+@dataclass
+class SiteData:
+    """A site's labelled images, read and resized for one model."""
+
+    files: list[Path]
+    labels: np.ndarray
+    images: np.ndarray
+    skipped: list[str] = field(default_factory=list)  # one-line reasons, for unreadable files
+
+    def counts(self, class_names: list[str]) -> dict[str, int]:
+        return {name: int((self.labels == i).sum()) for i, name in enumerate(class_names)}
+
+
+def read_site(folder: Path, class_names: list[str], size: int) -> SiteData:
+    """FOLDER/<CLASS>/ for each of the model's classes (any case, subfolders searched)."""
+    from pneumoscan.predict import scan_paths
+
+    if not folder.is_dir():
+        raise PneumoscanError(f"--data {folder}: no such folder")
+    found = {p.name.upper(): p for p in folder.iterdir() if p.is_dir()}
+    missing = [c for c in class_names if c.upper() not in found]
+    if missing:
+        raise PneumoscanError(
+            f"--data {folder}: needs one folder per class ({', '.join(class_names)}); "
+            f"missing {', '.join(missing)}"
+        )
+    files, labels, images, skipped = [], [], [], []
+    for index, name in enumerate(class_names):
+        scan = scan_paths([found[name.upper()]])
+        if scan.note():
+            skipped.append(f"{found[name.upper()]}: {scan.note()}")
+        for path in scan.files:
+            try:
+                images.append(reader.load(path, size))
+            except ImageReadError as exc:
+                skipped.append(str(exc))
+                continue
+            files.append(path)
+            labels.append(index)
+    labels_array = np.asarray(labels, dtype=np.int64)
+    for index, name in enumerate(class_names):
+        if not (labels_array == index).any():
+            raise PneumoscanError(f"--data {folder}: no readable {name} image")
+    return SiteData(files, labels_array, np.stack(images), skipped)
+
+
+@dataclass
+class SiteCalibration:
+    """What `calibrate` fitted, and how well the sample supports it."""
+
+    model: model_folder.ModelCard
+    counts: dict[str, int]
+    ece_before: float
+    ece_after: float
+    points: dict[str, dict]  # name -> threshold, sensitivity, specificity and their intervals
+    warnings: list[str]
+    skipped: list[str]
+
+
+def min_positives(target: float, level: float = 0.95) -> int:
+    """Positives needed for a perfect score's exact lower bound to reach `target`."""
+    alpha = (1 - level) / 2
+    return int(np.ceil(np.log(alpha) / np.log(target)))
+
+
+def calibrate(
+    model: str | Path,
+    site: Path,
+    out: Path,
+    target_sensitivity: float = metrics.DETECTION_SENSITIVITY,
+    force: bool = False,
+) -> SiteCalibration:
+    """Refit calibration and both points of `model` on `site`'s images; write the folder `out`."""
+    from pneumoscan import runtime
+
+    if not 0.5 <= target_sensitivity < 1:
+        raise PneumoscanError(
+            f"--target-sensitivity {target_sensitivity}: give a value in [0.5, 1)"
+        )
+    source = model_folder.resolve(model)
+    if out.exists() and not force:
+        raise PneumoscanError(f"--out {out}: already exists; pass --force to replace it")
+    if out.resolve() == source.resolve():
+        raise PneumoscanError(f"--out {out}: is the model's own folder; give a new one")
+    scorer = runtime.load(model)
+    site_data = read_site(site, scorer.class_names, scorer.input_size)
+    logits, _ = scorer.raw_scores(site_data.images)
+    labels = site_data.labels
+    fitted = metrics.fit_operating_points(labels, logits, target_sensitivity, source="site images")
+    meta = json.loads(json.dumps(scorer.meta))  # a deep copy
+    meta.update(fitted)
+    counts = site_data.counts(scorer.class_names)
+    meta["site_calibration"] = {
+        "date": datetime.date.today().isoformat(),
+        "counts": counts,
+        "fingerprint": data.fingerprint(site_data.files),
+        "skipped": len(site_data.skipped),
+        "target_sensitivity": target_sensitivity,
+        "from": {
+            "model": scorer.name,
+            "calibration": scorer.meta.get("calibration"),
+            "operating_points": {
+                k: v["threshold"] for k, v in scorer.meta["operating_points"].items()
+            },
+        },
+    }
+    _write_folder(source, out, meta)
+    calibrated = model_folder.read_card(out)
+    probs = calibrated.calibrate(logits)
+    points = {}
+    for name in metrics.POINTS:
+        threshold = calibrated.threshold(name)
+        measured = metrics.point_metrics(labels, probs, threshold)
+        ci = metrics.point_bootstrap_ci(labels, probs, threshold)
+        points[name] = {
+            "threshold": threshold,
+            "sensitivity": measured.sensitivity,
+            "specificity": measured.specificity,
+            "sensitivity_ci": ci["sensitivity"],
+            "specificity_ci": ci["specificity"],
+        }
+    warnings = []
+    positives = counts[scorer.class_names[1]]
+    needed = min_positives(target_sensitivity)
+    if positives < needed:
+        best = (0.025) ** (1 / positives)
+        warnings.append(
+            f"{positives} {scorer.class_names[1]} images cannot support sensitivity "
+            f"{target_sensitivity}: even all found, its 95% lower bound is {best:.3f}; "
+            f"{needed} or more are needed"
+        )
+    return SiteCalibration(
+        model=calibrated,
+        counts=counts,
+        ece_before=metrics.expected_calibration_error(labels, scorer.calibrate(logits)),
+        ece_after=metrics.expected_calibration_error(labels, probs),
+        points=points,
+        warnings=warnings,
+        skipped=site_data.skipped,
+    )
+
+
+def _write_folder(source: Path, out: Path, meta: dict) -> None:
+    """Copy the model folder beside `out`, write its new model.json, then move it into place."""
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    (staging / model_folder.META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
