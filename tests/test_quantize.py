@@ -19,6 +19,10 @@ def test_int8_graph_beside_the_fp32_one(
 ) -> None:
     folder = tmp_path / "cnn"
     shutil.copytree(model_folder.bundled_dir() / "cnn", folder)
+    meta = json.loads((folder / "model.json").read_text())
+    meta.pop(quantize.INT8_KEY, None)  # as a folder written by `train` comes
+    (folder / "model.json").write_text(json.dumps(meta))
+    (folder / quantize.INT8_FILE).unlink(missing_ok=True)
     with pytest.raises(PneumoscanError, match="has no int8 graph"):
         runtime.load(folder, precision="int8")
     path = quantize.add_int8(folder, data_root)

@@ -344,12 +344,13 @@ def _stream(
     gpus = int(ray.cluster_resources().get("GPU", 0))
     actors = gpus or cpus  # up to one per core; Ray fuses decoding into the scoring actor
     items = [{"given": str(r), "absolute": str(r.resolve())} for r in roots]
-    listed = ray.data.from_items(items).flat_map(_list, fn_args=(frozenset(done),))
+    # Listing walks folders (I/O, no core of its own), so a scoring actor per core never starves it.
+    listed = ray.data.from_items(items).flat_map(_list, fn_args=(frozenset(done),), num_cpus=0)
     # A folder lists as one block: cut it into small ones, so that decoding spreads over the
     # cores and results come back (and are written) a few batches at a time.
     listed = listed.repartition(target_num_rows_per_block=BLOCK_ROWS)
     decoded = listed.map_batches(
-        _decode, batch_size=BATCH_SIZE, fn_kwargs={"size": size}, num_cpus=1
+        _decode, batch_size=BATCH_SIZE, fn_kwargs={"size": size}, num_cpus=0.5
     )
     scored = decoded.map_batches(
         _Scorer,
@@ -361,7 +362,7 @@ def _stream(
             "threads": None if gpus else 1,
         },
         concurrency=(1, actors),
-        num_cpus=1 if not gpus else 0,
+        num_cpus=0.5 if not gpus else 0,  # half a core reserved: the others never starve
         num_gpus=1 if gpus else 0,
     )
     for batch in scored.iter_batches(batch_format="pyarrow", batch_size=None):
