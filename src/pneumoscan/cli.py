@@ -33,6 +33,13 @@ DATA_OPTION = typer.Option(
 )
 
 
+PRECISION_OPTION = typer.Option(
+    "fp32",  # runtime.DEFAULT_PRECISION, not imported here: the CLI starts without onnxruntime
+    "--precision",
+    help="fp32, or int8: the model folder's quantized graph (faster; see docs/performance.md).",
+)
+
+
 def _stderr(message: str) -> None:
     typer.echo(message, err=True)
 
@@ -285,6 +292,22 @@ def predict(
         help="Write a DICOM structured report (and with --heatmaps a Secondary Capture) here "
         "for every DICOM input, in the input's study.",
     ),
+    engine: str = typer.Option(
+        "plain",
+        "--engine",
+        help="plain (this process) or ray (Ray Data: a local Ray, or the cluster at "
+        "--ray-address; results stream to --csv or --parquet).",
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="--engine ray: join this cluster (auto or HOST:PORT)."
+    ),
+    parquet: Path | None = typer.Option(
+        None, "--parquet", help="--engine ray: write the results to this folder of Parquet parts."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="--engine ray: skip the files the output already holds."
+    ),
+    precision: str = PRECISION_OPTION,
 ) -> None:
     """Screen image files. Exit code: 0 all files scored, 2 some files failed (the rest are still
     reported), 1 usage error. Images that do not look like chest X-rays get ood=true and no label."""
@@ -294,6 +317,18 @@ def predict(
 
     if mode not in POINTS:
         raise PneumoscanError(f"--mode {mode!r}: choose one of {', '.join(POINTS)}")
+    if engine not in ("plain", "ray"):
+        raise PneumoscanError(f"--engine {engine!r}: choose plain or ray")
+    if engine == "ray":
+        given = {"--json": as_json, "--heatmaps": heatmaps, "--sort": sort, "--shard": shard}
+        given |= {"--dicom-out": dicom_out, "--backend torch": backend == "torch"}
+        output = (csv_file, parquet)
+        _predict_on_ray(paths, model, mode, precision, output, ray_address, resume, force, given)
+        return
+    ray_only = {"--ray-address": ray_address, "--parquet": parquet, "--resume": resume}
+    for option, value in ray_only.items():
+        if value:
+            raise PneumoscanError(f"{option} works with --engine ray")
     if backend not in ("auto", "torch", "onnx"):
         raise PneumoscanError(f"--backend {backend!r}: choose auto, torch or onnx")
     if as_json and csv_file:
@@ -309,11 +344,15 @@ def predict(
         raise PneumoscanError(f"no image files found in {', '.join(str(p) for p in paths)}")
     files = files[part]
     if backend == "torch" or (backend == "auto" and heatmaps is not None):
+        if precision != "fp32":
+            raise PneumoscanError(
+                "--precision int8 runs on ONNX Runtime: not with torch/--heatmaps"
+            )
         loaded = model_folder.load(model)
     else:
         from pneumoscan import runtime
 
-        loaded = runtime.load(model)
+        loaded = runtime.load(model, precision=precision)
     reporter = None
     if dicom_out is not None:
         from pneumoscan import dicom_report
@@ -347,6 +386,30 @@ def predict(
         + reports
     )
     if failed:
+        raise typer.Exit(2)
+
+
+def _predict_on_ray(paths, model, mode, precision, output, address, resume, force, given) -> None:
+    """`predict --engine ray`: refuse what the engine does not do, then stream to the output."""
+    from pneumoscan import engine_ray
+
+    csv_file, parquet = output
+    for option, value in given.items():
+        if value:
+            raise PneumoscanError(f"{option} does not work with --engine ray")
+    if resume and csv_file is None and parquet is None:
+        raise PneumoscanError("--resume needs the output to continue: --csv FILE or --parquet DIR")
+    output = engine_ray.open_output(csv_file, parquet, resume, force)
+    s = engine_ray.run(paths, output, model, mode, address, precision=precision)
+    _stderr(
+        f"{s.written - s.failed} of {s.written} files scored in {s.seconds:.1f} s "
+        f"({s.written / max(s.seconds, 1e-9):.0f}/s; {model} model, {mode} point)"
+        + (f"; {s.skipped} already in the output" if s.skipped else "")
+        + (f"; {s.flagged} not chest X-rays (no label)" if s.flagged else "")
+        + (f"; {s.failed} failed" if s.failed else "")
+        + f"; wrote {csv_file or parquet}"
+    )
+    if s.failed:
         raise typer.Exit(2)
 
 
@@ -392,6 +455,7 @@ def serve(
         help="A file holding the API token: every /api/v1 call then needs "
         "'Authorization: Bearer <token>' (the page asks for it).",
     ),
+    precision: str = PRECISION_OPTION,
 ) -> None:
     """Serve the screening page at / and the JSON API at /api/v1 (documented at /docs)."""
     import uvicorn
@@ -404,6 +468,7 @@ def serve(
         max_file_bytes=round(max_file_mb * service.MB),
         body_timeout=body_timeout,
         token=token,
+        precision=precision,
     )
     _stderr(
         f"serving the {web.state.model.name} model on http://{host}:{port}/ (API docs at /docs)"
@@ -454,6 +519,7 @@ def listen(
         min=0.1,
         help="Longest wait, in seconds, between tries to reach --forward.",
     ),
+    precision: str = PRECISION_OPTION,
 ) -> None:
     """Run a DICOM node: X-rays in by C-STORE, reports out to the PACS in the same study."""
     import logging
@@ -475,6 +541,7 @@ def listen(
         tls_key=tls_key,
         uid_root=uid_root or dicom_report.DEFAULT_UID_ROOT,
         retry_max_s=retry_max,
+        precision=precision,
     )
     if queue_dir is not None:
         config.queue = queue_dir

@@ -149,6 +149,7 @@ class NodeConfig:
     tls_key: Path | None = None
     uid_root: str = dicom_report.DEFAULT_UID_ROOT
     retry_max_s: float = 60.0
+    precision: str = "fp32"
 
 
 def _default_queue() -> Path:
@@ -169,7 +170,7 @@ class Node:
             check_ae_title(title, "--allow")
         self.ssl = _server_tls(config.tls_cert, config.tls_key)
         self.disk = DiskQueue(config.queue)
-        self.model = runtime.load(config.model)
+        self.model = runtime.load(config.model, precision=config.precision)
         self.threshold = self.model.threshold(config.mode)
         self.reporter = dicom_report.Reporter(self.model, config.outputs, config.uid_root)
         self.explainer = None

@@ -54,14 +54,14 @@ def export_onnx(
             do_constant_folding=False,
         )
     graph = onnx.load(str(tmp))
-    _store_exact_fp16(graph)
+    store_exact_fp16(graph)
     _point_into(graph, external)
     onnx.save(graph, str(tmp))
     os.replace(tmp, path)
     return path
 
 
-def _store_exact_fp16(model: Any) -> None:
+def store_exact_fp16(model: Any) -> None:
     """Store each fp32 initializer that fp16 represents exactly as fp16, cast back in the graph."""
     from onnx import TensorProto, helper, numpy_helper
 

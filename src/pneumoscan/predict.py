@@ -126,7 +126,7 @@ Source = Path | tuple[str, bytes]  # a file, or (name, content) of an upload hel
 
 
 @dataclass
-class _Decoded:
+class Decoded:
     name: str
     stem: str
     image: np.ndarray | None = None  # model-ready (S, S)
@@ -134,15 +134,16 @@ class _Decoded:
     error: str | None = None
 
 
-def _decode(source: Source, size: int, keep_original: bool) -> _Decoded:
+def decode(source: Source, size: int, keep_original: bool = False) -> Decoded:
+    """Read and resize one file; an unreadable one carries its one-line reason instead."""
     name, content = (source[0], source[1]) if isinstance(source, tuple) else (str(source), source)
     stem = Path(name).stem or "image"
     try:
         original = reader.read_image(content, name=name)
         image = reader.resize(original, size)
-        return _Decoded(name, stem, image, original if keep_original else None)
+        return Decoded(name, stem, image, original if keep_original else None)
     except ImageReadError as exc:
-        return _Decoded(name, stem, error=str(exc))
+        return Decoded(name, stem, error=str(exc))
 
 
 def parse_shard(spec: str) -> slice:
@@ -178,23 +179,31 @@ def predict(
     )
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
-        in_flight: deque[list[Future[_Decoded]]] = deque()
-        batch: list[Future[_Decoded]] = []
+        in_flight: deque[list[Future[Decoded]]] = deque()
+        batch: list[Future[Decoded]] = []
         for path in files:
-            batch.append(pool.submit(_decode, path, model.input_size, writer is not None))
+            batch.append(pool.submit(decode, path, model.input_size, writer is not None))
             if len(batch) == batch_size:
                 in_flight.append(batch)
                 batch = []
                 if len(in_flight) > 2:  # two batches decode while one is scored
-                    yield from _score(model, in_flight.popleft(), mode, threshold, writer)
+                    done = [f.result() for f in in_flight.popleft()]
+                    yield from score_decoded(model, done, mode, threshold, writer)
         if batch:
             in_flight.append(batch)
         while in_flight:
-            yield from _score(model, in_flight.popleft(), mode, threshold, writer)
+            done = [f.result() for f in in_flight.popleft()]
+            yield from score_decoded(model, done, mode, threshold, writer)
 
 
-def _score(model, futures, mode, threshold, writer) -> Iterator[Prediction]:
-    decoded = [f.result() for f in futures]
+def score_decoded(
+    model: ModelCard,
+    decoded: list[Decoded],
+    mode: str,
+    threshold: float,
+    writer: _HeatmapWriter | None = None,
+) -> Iterator[Prediction]:
+    """Results of one batch of decoded files, in order; also the Ray engine's scoring step."""
     good = [d for d in decoded if d.image is not None]
     results = {}
     if good:
@@ -237,7 +246,7 @@ class _HeatmapWriter:
         self.model = model
         self.folder = folder
 
-    def write(self, decoded: _Decoded, result: Prediction) -> None:
+    def write(self, decoded: Decoded, result: Prediction) -> None:
         from pneumoscan import explain
 
         cam = explain.heatmap(self.model, decoded.image, result.label)

@@ -30,10 +30,31 @@ class OnnxModel(model_folder.ModelCard):
         return z, d
 
 
-def load(model: str | Path, threads: int | None = None) -> OnnxModel:
-    """A bundled model or model folder, ready to score with ONNX Runtime."""
+PRECISIONS = ("fp32", "int8")
+DEFAULT_PRECISION = "fp32"  # int8 did not meet the bar on validation: bench/int8.py
+
+
+def load(
+    model: str | Path,
+    threads: int | None = None,
+    providers: list[str] | None = None,
+    precision: str = DEFAULT_PRECISION,
+) -> OnnxModel:
+    """A bundled model or model folder, ready to score with ONNX Runtime.
+
+    `providers`: ONNX Runtime execution providers in order of preference (default: the CPU).
+    `precision`: fp32, or int8 (the folder's quantized graph, quantize.py).
+    """
     card = model_folder.read_card(model)
-    if "onnx" in card.meta:
+    if precision not in PRECISIONS:
+        raise PneumoscanError(f"--precision {precision!r}: choose fp32 or int8")
+    if precision == "int8":
+        if "onnx_int8" not in card.meta:
+            raise PneumoscanError(
+                f"{card.folder}: has no int8 graph; add one with tools/add_int8.py FOLDER"
+            )
+        path = card.file("onnx_int8")
+    elif "onnx" in card.meta:
         path = card.file("onnx")
         for key in card.meta["onnx"].get("external", []):
             card.file(key)  # the graph reads its weights from these files: check them too
@@ -45,17 +66,19 @@ def load(model: str | Path, threads: int | None = None) -> OnnxModel:
 
             loaded = model_folder.load(model)
             export_onnx(loaded.scorer, loaded.input_size, path)
-    return OnnxModel(card.name, card.folder, card.meta, session(path, threads))
+    return OnnxModel(card.name, card.folder, card.meta, session(path, threads, providers))
 
 
-def session(path: Path, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session for the graph at `path`."""
+def session(path: Path, threads: int | None = None, providers: list[str] | None = None) -> Any:
+    """An ONNX Runtime session for the graph at `path` (on the CPU unless `providers` say)."""
     import onnxruntime as ort
 
+    available = ort.get_available_providers()
+    chosen = [p for p in providers or [] if p in available] or ["CPUExecutionProvider"]
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=chosen)
     except Exception as exc:  # onnxruntime raises its own types for unreadable graphs
         raise PneumoscanError(f"{path}: not a usable ONNX model ({exc})") from None

@@ -52,13 +52,16 @@ def create_app(
     max_files: int = MAX_FILES,
     body_timeout: float = BODY_TIMEOUT_S,
     token: str | None = None,
+    precision: str = "fp32",
 ) -> FastAPI:
     """The app serving `model` (a bundled name or a model folder); loads it now, once.
 
     A client that sends no part of its unfinished request body for `body_timeout` s gets a 408.
     With a `token`, every API call but health needs `Authorization: Bearer <token>`.
     """
-    loaded = runtime.load(model)  # scores with ONNX Runtime: fast, and no torch in memory
+    loaded = runtime.load(
+        model, precision=precision
+    )  # scores with ONNX Runtime: fast, and no torch in memory
     explainer = functools.cache(lambda: model_folder.load(model))  # torch: for the first heatmap
     card = model_card(loaded, max_file_bytes, max_files)
     lock = threading.Lock()

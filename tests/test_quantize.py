@@ -1,0 +1,38 @@
+"""The int8 graph: written beside the fp32 one, checksummed, close to fp32 on real images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pneumoscan import model_folder, predict, quantize, runtime
+from pneumoscan.errors import PneumoscanError
+
+
+@pytest.mark.slow
+def test_int8_graph_beside_the_fp32_one(
+    data_root: Path, xray_files: list[Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "cnn"
+    shutil.copytree(model_folder.bundled_dir() / "cnn", folder)
+    meta = json.loads((folder / "model.json").read_text())
+    meta.pop(quantize.INT8_KEY, None)  # as a folder written by `train` comes
+    (folder / "model.json").write_text(json.dumps(meta))
+    (folder / quantize.INT8_FILE).unlink(missing_ok=True)
+    with pytest.raises(PneumoscanError, match="has no int8 graph"):
+        runtime.load(folder, precision="int8")
+    path = quantize.add_int8(folder, data_root)
+    assert path.parent == folder and path.stat().st_size < 2e6
+    meta = json.loads((folder / "model.json").read_text())
+    assert meta["onnx_int8"]["file"] == path.name and len(meta["onnx_int8"]["sha256"]) == 64
+    images = np.stack([predict.decode(f, 128).image for f in xray_files])
+    fp32 = runtime.load(folder).probabilities(images)
+    int8 = runtime.load(folder, precision="int8").probabilities(images)
+    assert np.max(np.abs(fp32 - int8)) < 0.1  # close, not equal: bench/int8.py measures it
+    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(PneumoscanError, match="checksum"):
+        runtime.load(folder, precision="int8")
