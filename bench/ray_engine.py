@@ -97,6 +97,7 @@ def predict(args: list[str], out: Path) -> dict:
 def start_cluster(cpus_per_node: list[int]) -> str:
     port = _free_port()
     head = [str(BIN / "ray"), "start", "--head", f"--port={port}", f"--num-cpus={cpus_per_node[0]}"]
+    head += ["--node-ip-address=127.0.0.1"]  # both nodes on loopback
     head += [
         "--include-dashboard=false",
         "--object-store-memory=300000000",
@@ -105,6 +106,7 @@ def start_cluster(cpus_per_node: list[int]) -> str:
     subprocess.run(head, check=True, capture_output=True)
     for cpus in cpus_per_node[1:]:
         node = [str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", f"--num-cpus={cpus}"]
+        node += ["--node-ip-address=127.0.0.1"]
         node += [f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}"]
         node += ["--object-store-memory=300000000"]
         subprocess.run(node, check=True, capture_output=True)

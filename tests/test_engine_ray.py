@@ -26,6 +26,7 @@ def cluster() -> str:
     """A local Ray with 2 CPUs and a small object store; its address, for other processes."""
     ray.init(
         num_cpus=2,
+        _node_ip_address="127.0.0.1",
         object_store_memory=200 * 2**20,
         include_dashboard=False,
         log_to_driver=False,

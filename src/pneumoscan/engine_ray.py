@@ -249,7 +249,8 @@ def connect(address: str | None) -> bool:
         return False
     try:
         if address is None:
-            ray.init(num_cpus=os.cpu_count() or 1, **quiet)
+            # A local Ray on loopback: nothing of it listens beyond this machine.
+            ray.init(num_cpus=os.cpu_count() or 1, _node_ip_address="127.0.0.1", **quiet)
         else:
             ray.init(address=address, **quiet)
     except Exception as exc:  # Ray raises ConnectionError, ValueError, RuntimeError, ...
