@@ -265,7 +265,7 @@ def benchmark(
 @app.command()
 def predict(
     paths: list[Path] = typer.Argument(
-        ..., help="Image files (JPEG, PNG, DICOM) or folders, searched recursively."
+        ..., help="Image files (JPEG, PNG, TIFF, DICOM) or folders, searched recursively."
     ),
     model: str = MODEL_OPTION,
     mode: str = MODE_OPTION,
@@ -311,8 +311,8 @@ def predict(
 ) -> None:
     """Screen image files. Exit code: 0 all files scored, 2 some files failed (the rest are still
     reported), 1 usage error. Images that do not look like chest X-rays get ood=true and no label."""
-    from pneumoscan import model_folder, report
     from pneumoscan import predict as screening
+    from pneumoscan import report
     from pneumoscan.metrics import POINTS
 
     if mode not in POINTS:
@@ -335,24 +335,8 @@ def predict(
         raise PneumoscanError("--json and --csv: choose one")
     if csv_file is not None and csv_file.exists() and not force:
         raise PneumoscanError(f"--csv {csv_file}: file exists; pass --force to overwrite it")
-    part = screening.parse_shard(shard) if shard is not None else slice(None)
-    scan = screening.scan_paths(paths)
-    files = scan.files
-    if scan.note():
-        _stderr(scan.note())
-    if not files:
-        raise PneumoscanError(f"no image files found in {', '.join(str(p) for p in paths)}")
-    files = files[part]
-    if backend == "torch" or (backend == "auto" and heatmaps is not None):
-        if precision != "fp32":
-            raise PneumoscanError(
-                "--precision int8 runs on ONNX Runtime: not with torch/--heatmaps"
-            )
-        loaded = model_folder.load(model)
-    else:
-        from pneumoscan import runtime
-
-        loaded = runtime.load(model, precision=precision)
+    files = _files_to_screen(paths, shard)
+    loaded = _screening_model(model, backend, heatmaps is not None, precision)
     reporter = None
     if dicom_out is not None:
         from pneumoscan import dicom_report
@@ -368,25 +352,57 @@ def predict(
         report.write_predictions_csv(results, csv_file)
     else:
         report.print_predictions(results)
-    reports = ""
+    reports = f"; wrote {csv_file}" if csv_file else ""
     if reporter is not None:
         written, skipped = dicom_report.write_folder(reporter, results, dicom_out)
-        reports = f"; wrote {written} DICOM object(s) to {dicom_out}" + (
+        reports += f"; wrote {written} DICOM object(s) to {dicom_out}" + (
             f" ({skipped} input(s) not DICOM or not scored)" if skipped else ""
         )
     failed = sum(r.error is not None for r in results)
+    _stderr(_summary(results, f"{loaded.name} model, {mode} point") + reports)
+    if failed:
+        raise typer.Exit(2)
+
+
+def _files_to_screen(paths: list[Path], shard: str | None) -> list[Path]:
+    """The files PATHS name (folders searched), part I/N of them with --shard."""
+    from pneumoscan import predict as screening
+
+    part = screening.parse_shard(shard) if shard is not None else slice(None)
+    scan = screening.scan_paths(paths)
+    if scan.note():
+        _stderr(scan.note())
+    if not scan.files:
+        raise PneumoscanError(f"no image files found in {', '.join(str(p) for p in paths)}")
+    return scan.files[part]
+
+
+def _screening_model(model: str, backend: str, heatmaps: bool, precision: str):
+    """ONNX Runtime unless torch is asked for, or needed for heatmaps."""
+    from pneumoscan import model_folder
+
+    if backend == "torch" or (backend == "auto" and heatmaps):
+        if precision != "fp32":
+            raise PneumoscanError(
+                "--precision int8 runs on ONNX Runtime: not with torch/--heatmaps"
+            )
+        return model_folder.load(model)
+    from pneumoscan import runtime
+
+    return runtime.load(model, precision=precision)
+
+
+def _summary(results: list, what: str) -> str:
+    """The line after a screening run: how many scored, shifted, not chest X-rays, failed."""
+    failed = sum(r.error is not None for r in results)
     flagged = sum(bool(r.ood) for r in results)
     shifted = sum(r.domain == "shifted" for r in results)
-    _stderr(
-        f"{len(results) - failed} of {len(results)} files scored ({loaded.name} model, {mode} point)"
+    return (
+        f"{len(results) - failed} of {len(results)} files scored ({what})"
         + (f"; {shifted} unlike the training images (less reliable)" if shifted else "")
         + (f"; {flagged} not chest X-rays (no label)" if flagged else "")
         + (f"; {failed} failed" if failed else "")
-        + (f"; wrote {csv_file}" if csv_file else "")
-        + reports
     )
-    if failed:
-        raise typer.Exit(2)
 
 
 def _predict_on_ray(paths, model, mode, precision, output, address, resume, force, given) -> None:
@@ -522,10 +538,6 @@ def listen(
     precision: str = PRECISION_OPTION,
 ) -> None:
     """Run a DICOM node: X-rays in by C-STORE, reports out to the PACS in the same study."""
-    import logging
-    import signal
-    import threading
-
     from pneumoscan import dicom_node, dicom_report
 
     config = dicom_node.NodeConfig(
@@ -545,25 +557,7 @@ def listen(
     )
     if queue_dir is not None:
         config.queue = queue_dir
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    dicom_node.log.addHandler(handler)
-    dicom_node.log.setLevel(logging.INFO)
-    node = dicom_node.Node(config)
-    node.start()
-    _stderr(
-        f"listening as {ae_title} on {host}:{port} ({node.model.name} model, {mode} point); "
-        f"reports go to {forward}; queue in {config.queue}; research tool, not a medical device"
-    )
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        node.stop()
+    dicom_node.serve(config, _stderr)
 
 
 def main() -> None:

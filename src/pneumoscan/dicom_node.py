@@ -420,6 +420,34 @@ class Node:
         )
 
 
+def serve(config: NodeConfig, say) -> None:
+    """Run a node until SIGTERM or Ctrl-C, logging to stderr; `say` prints its one-line banner."""
+    import signal
+    import sys
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    node = Node(config)
+    node.start()
+    d = config.forward
+    say(
+        f"listening as {config.ae_title} on {config.host}:{config.port} ({node.model.name} model, "
+        f"{config.mode} point); reports go to {d.ae_title}@{d.host}:{d.port}; queue in "
+        f"{config.queue}; research tool, not a medical device"
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.stop()
+
+
 def _peer(event) -> str:
     requestor = event.assoc.requestor
     return f"{requestor.ae_title}@{requestor.address}"
