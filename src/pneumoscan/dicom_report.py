@@ -10,9 +10,11 @@ so scoring the same image again replaces its outputs instead of adding copies.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,12 +73,12 @@ def read_source(data: bytes) -> Dataset | None:
     the UIDs an output must reference (SOP class and instance, series, study)."""
     import pydicom
 
-    from pneumoscan.reader import _quiet_pydicom
+    from pneumoscan.reader import quiet_pydicom
 
     if data[128:132] != b"DICM":
         return None
     try:
-        with _quiet_pydicom():
+        with quiet_pydicom():
             ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
             required = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
             if not all(ds.get(keyword) for keyword in required):
@@ -329,21 +331,16 @@ def _finish(ds: Dataset, source: Dataset, description: str) -> Dataset:
     return ds
 
 
-def _quiet_highdicom():
+@contextlib.contextmanager
+def _quiet_highdicom() -> Iterator[None]:
     """highdicom logs UIDs at INFO while it builds; keep it to warnings, which quote none."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def quiet():
-        logger = logging.getLogger("highdicom")
-        level = logger.level
-        logger.setLevel(logging.WARNING)
-        try:
-            yield
-        finally:
-            logger.setLevel(level)
-
-    return quiet()
+    logger = logging.getLogger("highdicom")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def write_folder(reporter: Reporter, results: list[Prediction], folder: Path) -> tuple[int, int]:

@@ -100,7 +100,7 @@ def _is_dicom(data: bytes, label: str) -> bool:
     if Path(label).suffix.lower() not in (".dcm", ".dicom"):
         return False
     try:
-        with _quiet_pydicom():
+        with quiet_pydicom():
             return "PixelData" in _parse_dicom(data, label)
     except (ImageReadError, MemoryError):
         raise
@@ -116,7 +116,7 @@ def _decode_dicom(data: bytes, label: str) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
-        with _quiet_pydicom():
+        with quiet_pydicom():
             ds = _parse_dicom(data, label)
             _check_dicom_header(ds, label)
             # Frame 0 only: surplus pixel bytes would otherwise come back as extra frames.
@@ -142,7 +142,7 @@ def _decode_dicom(data: bytes, label: str) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _quiet_pydicom() -> Iterator[None]:
+def quiet_pydicom() -> Iterator[None]:
     """Silence pydicom's warnings, log and value checks: their text can quote patient data.
 
     One thread at a time: warning filters, loggers and pydicom's settings are process-wide,
