@@ -34,6 +34,30 @@ def test_aspect_augmentation_changes_the_anatomy_proportions_at_the_same_area() 
     assert torch.equal(a, b)
 
 
+def test_exposure_augmentation_is_a_monotone_change_of_levels_within_its_limits() -> None:
+    """`exposure` changes gamma, gain and offset as another exposure or window would: each
+    image's levels move by one increasing curve, clipped to [0, 1], so its pixels keep their
+    order; a mid-grey moves by no more than the limits allow."""
+    x = torch.rand(32, 1, 16, 16)
+    x[:, :, 0, 0] = 0.5
+    limits = {"offset": 0.08, "gain": 0.15, "gamma": 0.25}
+    out = augment(x.clone(), {"exposure": limits}, torch.Generator().manual_seed(0))
+    assert out.min() >= 0 and out.max() <= 1 and not torch.allclose(out, x)
+    flat_in, flat_out = x.flatten(1), out.flatten(1)
+    order = flat_in.argsort(1)
+    assert (flat_out.gather(1, order).diff(dim=1) >= -1e-5).all()
+    mid = out[:, 0, 0, 0]
+    lowest = 0.5**1.25 * 0.85 - 0.08
+    highest = 0.5 ** (1 / 1.25) * 1.15 + 0.08
+    assert (mid >= lowest - 1e-4).all() and (mid <= highest + 1e-4).all()
+    assert mid.min() < 0.45 and mid.max() > 0.55  # both ways
+    # without `exposure`, the other augmentations draw as they did
+    recipe = {"rotate": 10, "brightness": 0.1, "noise": 0.02}
+    a = augment(x.clone(), recipe, torch.Generator().manual_seed(1))
+    b = augment(x.clone(), {**recipe, "exposure": {}}, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+
+
 def test_mixup_and_label_smoothing_blend_inputs_targets_and_weights() -> None:
     x = torch.stack([torch.full((1, 4, 4), float(v)) for v in (0.0, 1.0, 0.0, 1.0)])
     y = torch.tensor([0, 1, 0, 1])

@@ -116,3 +116,18 @@ def test_point_bootstrap_intervals_hold_the_estimate_and_narrow_with_more_cases(
     assert narrow[1] - narrow[0] < wide / 2
     # Every case called positive: sensitivity is exactly 1 in every resample.
     assert metrics.point_bootstrap_ci(small_labels, small_probs, -1.0)["sensitivity"] == (1.0, 1.0)
+
+
+def test_a_grouped_bootstrap_resamples_patients_not_their_copies() -> None:
+    """Twelve views of each image are one patient's evidence, not twelve: resampling by group
+    gives the interval of the images alone, resampling rows a falsely narrow one."""
+    rng = np.random.default_rng(2)
+    labels = np.array([0] * 30 + [1] * 30)
+    probs = np.where(labels == 1, 0.7, 0.3) + rng.normal(0, 0.2, 60)
+    alone = metrics.point_bootstrap_ci(labels, probs, 0.5, n_boot=500)
+    tiled = np.tile(labels, 12), np.tile(probs, 12)
+    grouped = metrics.point_bootstrap_ci(*tiled, 0.5, n_boot=500, groups=np.tile(np.arange(60), 12))
+    assert grouped == alone
+    rows = metrics.point_bootstrap_ci(*tiled, 0.5, n_boot=500)
+    width = lambda ci: ci["specificity"][1] - ci["specificity"][0]  # noqa: E731
+    assert width(rows) < width(grouped) / 2

@@ -24,6 +24,9 @@ def augment(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> torch.Tensor:
     which differs between the classes' sources (docs/experiments.md, section 17).
     Sharpness (a blend towards or away from a blurred copy) and faint noise stand for the
     scanners, resamplings and re-encodings an image meets before it reaches the model.
+    `exposure` ({offset, gain, gamma}) is what another exposure, detector or window gives: a
+    gamma up to 1 + gamma (or its inverse), a gain 1 +- gain and an offset +- offset, clipped to
+    [0, 1] as an 8-bit file clips them (docs/experiments.md, section 28).
     """
     if not cfg:
         return x
@@ -53,6 +56,8 @@ def augment(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> torch.Tensor:
     x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * contrast.to(x).view(-1, 1, 1, 1) + mean + brightness.to(x).view(-1, 1, 1, 1)
+    if cfg.get("exposure"):  # drawn only when set, as `aspect`
+        x = _exposure(x.clamp(0, 1), cfg["exposure"], uniform)
     if cfg.get("sharpness"):
         blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
         x = x + uniform(cfg["sharpness"]).to(x).view(-1, 1, 1, 1) * (blurred - x)
@@ -60,6 +65,17 @@ def augment(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> torch.Tensor:
         sigma = torch.rand(n, generator=gen) * cfg["noise"]
         x = x + torch.randn(x.shape, generator=gen).to(x) * sigma.to(x).view(-1, 1, 1, 1)
     return x.clamp_(0, 1)
+
+
+def _exposure(x: torch.Tensor, cfg: dict, uniform) -> torch.Tensor:
+    power = torch.exp(uniform(math.log1p(cfg.get("gamma", 0.0))))
+    gain = 1 + uniform(cfg.get("gain", 0.0))
+    offset = uniform(cfg.get("offset", 0.0))
+
+    def per_image(v: torch.Tensor) -> torch.Tensor:
+        return v.to(x).view(-1, 1, 1, 1)
+
+    return (x ** per_image(power) * per_image(gain) + per_image(offset)).clamp(0, 1)
 
 
 def soft_targets(

@@ -129,19 +129,16 @@ def calibrate(
     }
     _write_folder(source, out, meta)
     calibrated = model_folder.read_card(out)
-    probs = calibrated.calibrate(logits)
-    points = {}
-    for name in metrics.POINTS:
-        threshold = calibrated.threshold(name)
-        measured = metrics.point_metrics(labels, probs, threshold)
-        ci = metrics.point_bootstrap_ci(labels, probs, threshold)
-        points[name] = {
-            "threshold": threshold,
-            "sensitivity": measured.sensitivity,
-            "specificity": measured.specificity,
-            "sensitivity_ci": ci["sensitivity"],
-            "specificity_ci": ci["specificity"],
+    points = {
+        name: {
+            "threshold": point["threshold"],
+            "sensitivity": point["validation"]["sensitivity"],
+            "specificity": point["validation"]["specificity"],
+            "sensitivity_ci": tuple(point["sensitivity_ci"]),
+            "specificity_ci": tuple(point["specificity_ci"]),
         }
+        for name, point in fitted["operating_points"].items()
+    }
     warnings = []
     positives = counts[scorer.class_names[1]]
     needed = min_positives(target_sensitivity)
@@ -156,7 +153,7 @@ def calibrate(
         model=calibrated,
         counts=counts,
         ece_before=metrics.expected_calibration_error(labels, scorer.calibrate(logits)),
-        ece_after=metrics.expected_calibration_error(labels, probs),
+        ece_after=fitted["calibration"]["validation_ece_after"],
         points=points,
         warnings=warnings,
         skipped=site_data.skipped,

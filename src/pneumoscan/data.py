@@ -201,6 +201,7 @@ class TrainingData:
     class_names: list[str]
     fingerprint: str
     n_val_patients: int
+    val_files: list[Path]
 
 
 def training_data(
@@ -219,4 +220,5 @@ def training_data(
         class_names=kept.class_names,
         fingerprint=fingerprint(kept.files),
         n_val_patients=len({patient_id(f.name) for f in val_split.files}),
+        val_files=val_split.files,
     )

@@ -55,37 +55,17 @@ def outcome(distance: float, inner: float | None, outer: float | None) -> str:
     return NOT_CHEST_XRAY
 
 
-def validation_files(meta: dict, data_root: Path) -> list[Path]:
-    """The model's own validation split: carved from train by patient, as it was trained."""
-    from pneumoscan import data
+def outer_section(view_distances: np.ndarray, n_images: int) -> dict:
+    """The entries model.json's `ood` section gains: the outer tier, from the guard distances of
+    `n_images` validation X-rays under every shift view, and how it was fitted."""
+    from pneumoscan import shift
 
-    cfg = meta["training"]["config"]
-    train = data.list_split(data_root, "train")
-    _, val = data.train_val_split(
-        train,
-        cfg.get("val_fraction", 0.1),
-        cfg.get("split_seed", 0),
-        cfg.get("val_design", "random"),
-    )
-    return val.files
-
-
-def fit_outer(model: ModelCard, data_root: Path) -> dict:
-    """The outer tier for `model`'s guard, from its validation X-rays under every shift view:
-    the entries model.json's `ood` section gains."""
-    from pneumoscan import reader, shift
-
-    files = validation_files(model.meta, data_root)
-    originals = [reader.read_image(f) for f in files]
-    largest = 0.0
-    for view in shift.VIEWS.values():
-        batch = np.stack([reader.resize(view(image), model.input_size) for image in originals])
-        largest = max(largest, float(np.max(model.raw_scores(batch)[1])))
+    largest = float(np.max(view_distances))
     return {
-        "outer_threshold": outer_threshold(np.array([largest])),
+        "outer_threshold": outer_threshold(view_distances),
         "outer_rule": OUTER_RULE,
         "outer_fitted_on": {
-            "validation_images": len(files),
+            "validation_images": n_images,
             "views": list(shift.VIEWS),
             "largest_distance": largest,
         },

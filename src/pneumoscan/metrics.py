@@ -92,20 +92,32 @@ def point_bootstrap_ci(
     n_boot: int = 2000,
     level: float = 0.95,
     seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap intervals of sensitivity and specificity at `threshold`, resampling
-    cases with replacement (the same resamples for both)."""
+    """Percentile bootstrap intervals of sensitivity and specificity at `threshold` (the same
+    resamples for both). Cases are resampled with replacement, or, with `groups` (a patient per
+    row, e.g. one image under several views), whole groups are."""
     labels = np.asarray(labels)
     called = np.asarray(probs) >= threshold
+    _, members = np.unique(np.arange(len(labels)) if groups is None else groups, return_inverse=True)
+    # Per group: its positives called, positives, negatives called negative, negatives.
+    counts = np.stack(
+        [
+            np.bincount(members, (labels == 1) & called, members.max() + 1),
+            np.bincount(members, labels == 1, members.max() + 1),
+            np.bincount(members, (labels == 0) & ~called, members.max() + 1),
+            np.bincount(members, labels == 0, members.max() + 1),
+        ],
+        1,
+    )
     rng = np.random.default_rng(seed)
     sens, spec = [], []
     for _ in range(n_boot):
-        idx = rng.integers(0, len(labels), len(labels))
-        y, c = labels[idx], called[idx]
-        if y.min() == y.max():
+        tp, pos, tn, neg = counts[rng.integers(0, len(counts), len(counts))].sum(0)
+        if pos == 0 or neg == 0:
             continue  # a one-class resample has no sensitivity or specificity
-        sens.append(c[y == 1].mean())
-        spec.append((~c[y == 0]).mean())
+        sens.append(tp / pos)
+        spec.append(tn / neg)
     alpha = (1 - level) / 2
     return {
         "sensitivity": tuple(float(v) for v in np.quantile(sens, [alpha, 1 - alpha])),
@@ -172,19 +184,21 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def fit_operating_points(
-    val_labels: np.ndarray,
-    val_logits: np.ndarray,
+    labels: np.ndarray,
+    logits: np.ndarray,
     min_sensitivity: float = DETECTION_SENSITIVITY,
     source: str = "validation",
+    groups: np.ndarray | None = None,
 ) -> dict:
-    """Platt calibration and both thresholds, all from `source` (validation, or a site's own
-    images): model.json's sections."""
-    scale, bias = fit_platt(val_labels, val_logits)
-    raw = sigmoid(val_logits)
-    probs = sigmoid(scale * val_logits + bias)
-    balanced = youden_threshold(val_labels, probs)
+    """Platt calibration and both thresholds, all from `source` (validation, validation under
+    shift views, or a site's own images): model.json's sections. Each point carries its metrics
+    on `source` and their 95% bootstrap intervals, resampling `groups` (patients) if given."""
+    scale, bias = fit_platt(labels, logits)
+    raw = sigmoid(logits)
+    probs = sigmoid(scale * logits + bias)
+    balanced = youden_threshold(labels, probs)
     # Detection trades accuracy for sensitivity, so it is never less sensitive than balanced.
-    detection = min(detection_threshold(val_labels, probs, min_sensitivity), balanced)
+    detection = min(detection_threshold(labels, probs, min_sensitivity), balanced)
     rules = {
         "balanced": (balanced, f"max Youden's J on {source}"),
         "detection": (
@@ -193,20 +207,24 @@ def fit_operating_points(
             " (and at most the balanced threshold)",
         ),
     }
+    points = {}
+    for name in POINTS:
+        threshold, rule = rules[name]
+        ci = point_bootstrap_ci(labels, probs, threshold, groups=groups)
+        points[name] = {
+            "threshold": threshold,
+            "rule": rule,
+            "validation": point_metrics(labels, probs, threshold).to_dict(),
+            "sensitivity_ci": list(ci["sensitivity"]),
+            "specificity_ci": list(ci["specificity"]),
+        }
     return {
-        "operating_points": {
-            name: {
-                "threshold": rules[name][0],
-                "rule": rules[name][1],
-                "validation": point_metrics(val_labels, probs, rules[name][0]).to_dict(),
-            }
-            for name in POINTS
-        },
+        "operating_points": points,
         "calibration": {
             "method": f"Platt scaling of the logit, fit on {source}",
             "scale": scale,
             "bias": bias,
-            "validation_ece_before": expected_calibration_error(val_labels, raw),
-            "validation_ece_after": expected_calibration_error(val_labels, probs),
+            "validation_ece_before": expected_calibration_error(labels, raw),
+            "validation_ece_after": expected_calibration_error(labels, probs),
         },
     }

@@ -1,8 +1,11 @@
 """What follows a trained network, fit on the model's own split through the inference path.
 
-The not-a-chest-X-ray guard on the training images, and its outer tier on validation X-rays
-under the shift views (domain.py); then, on validation, Platt calibration and
-the two operating points (`metrics.fit_operating_points`). Run after training and after joining,
+The not-a-chest-X-ray guard on the training images. Then every validation X-ray is scored plain
+and under each of the shift views (shift.VIEWS: exposure, windowing, blur, noise, framing), the
+validation design that carries the shift a model meets elsewhere (docs/experiments.md, section
+28): the outer tier of the domain check (domain.py) comes from the views' guard distances, and
+Platt calibration and both operating points (`metrics.fit_operating_points`) from all the rows,
+with intervals from a bootstrap over validation patients. Run after training and after joining,
 and again after a model's weights are converted (e.g. to fp16 for bundling), so the thresholds
 match the weights that ship.
 """
@@ -14,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumoscan import data, domain, guard, metrics, model_folder
+from pneumoscan import data, domain, guard, metrics, model_folder, reader, shift
 from pneumoscan.config import saved_config
 from pneumoscan.device import trunk_features
 from pneumoscan.errors import PneumoscanError
@@ -43,19 +46,7 @@ def fit_postprocessing(
         _pooled(trunk, d.images, d.train_idx, cfg.batch_size),
         _pooled(trunk, d.images, d.val_idx, cfg.batch_size),
     )
-    val_labels = d.labels[d.val_idx]
-    val_logits, _ = model.raw_scores(d.images[d.val_idx])
-    meta = {**model.meta, **metrics.fit_operating_points(val_labels, val_logits)}
-    meta["validation"] = {
-        "auc": metrics.auc(val_labels, val_logits),
-        "n": len(val_labels),
-        "patients": d.n_val_patients,
-    }
-    meta["ood"] = {
-        "method": guard.DESCRIPTION,
-        "threshold": ood_threshold,
-        "validation_pass_rate": pass_rate,
-    }
+    meta = {**model.meta, "ood": {"method": guard.DESCRIPTION, "threshold": ood_threshold}}
     model_folder.save(
         model.folder,
         model.network,
@@ -64,9 +55,51 @@ def fit_postprocessing(
         ood=ood,
     )
     fitted = model_folder.load(model.folder)
-    fitted.meta["ood"].update(domain.fit_outer(fitted, Path(data_root)))
+    labels = d.labels[d.val_idx]
+    views = view_scores(fitted, d.val_files)
+    plain_logits, _ = fitted.raw_scores(d.images[d.val_idx])
+    logits = np.concatenate([plain_logits, *(z for z, _ in views.values())])
+    patients = np.asarray([data.patient_id(f.name) for f in d.val_files])
+    rows = 1 + len(views)
+    fitted.meta.update(
+        metrics.fit_operating_points(
+            np.tile(labels, rows),
+            logits,
+            source=STRESSED,
+            groups=np.tile(patients, rows),
+        )
+    )
+    probs = fitted.calibrate(plain_logits)
+    for point in fitted.meta["operating_points"].values():
+        point["validation_plain"] = metrics.point_metrics(labels, probs, point["threshold"]).to_dict()
+    fitted.meta["validation"] = {
+        "auc": metrics.auc(labels, plain_logits),
+        "auc_under_views": metrics.auc(np.tile(labels, rows), logits),
+        "n": len(labels),
+        "patients": d.n_val_patients,
+        "views": list(views),
+    }
+    fitted.meta["ood"]["validation_pass_rate"] = pass_rate
+    distances = np.concatenate([dist for _, dist in views.values()])
+    fitted.meta["ood"].update(domain.outer_section(distances, len(labels)))
     model_folder.write_meta(fitted.folder, fitted.meta)
     return fitted
+
+
+STRESSED = "validation, plain and under each shift view"
+
+
+def view_scores(
+    model: model_folder.LoadedModel, files: list[Path]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Logits and guard distances of `files` under each shift view (applied to the decoded
+    originals, then resized as the reader resizes)."""
+    originals = [reader.read_image(f) for f in files]
+    scores = {}
+    for name, view in shift.VIEWS.items():
+        batch = np.stack([reader.resize(view(image), model.input_size) for image in originals])
+        scores[name] = model.raw_scores(batch)
+    return scores
 
 
 def _pooled(trunk, images: np.ndarray, idx: np.ndarray, batch_size: int) -> np.ndarray:
