@@ -15,57 +15,13 @@ Rows go to bench/results/cpu_exposure.jsonl.
 from __future__ import annotations
 
 import argparse
-import io
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 import record
-from pydicom import uid
-from pydicom.dataset import FileDataset, FileMetaDataset
 
 from pneumoscan import data, reader, runtime, shift
-
-
-def _dicom(pixels: np.ndarray, photometric: str, bits: int, **attrs) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = uid.DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = uid.generate_uid()
-    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = (
-        meta.MediaStorageSOPClassUID,
-        meta.MediaStorageSOPInstanceUID,
-    )
-    ds.Modality = "DX"
-    ds.set_pixel_data(pixels, photometric, bits)
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def windowed_12bit(image: np.ndarray) -> np.ndarray:
-    wide = image.astype(np.uint16) * 16 + 8
-    return reader.read_image(_dicom(wide, "MONOCHROME2", 12, WindowCenter=2048, WindowWidth=4096))
-
-
-def monochrome1_full(image: np.ndarray) -> np.ndarray:
-    return reader.read_image(_dicom((255 - image).astype(np.uint8), "MONOCHROME1", 8))
-
-
-def monochrome1_own_range(image: np.ndarray) -> np.ndarray:
-    wide = image.astype(np.uint16) * 16
-    inverted = (int(wide.max()) + int(wide.min()) - wide).astype(np.uint16)
-    return reader.read_image(_dicom(inverted, "MONOCHROME1", 12))
-
-
-TRANSFORMS = {
-    **shift.EXPOSURE,
-    "dicom-12bit-window": windowed_12bit,
-    "dicom-monochrome1": monochrome1_full,
-    "dicom-monochrome1-own-range": monochrome1_own_range,
-}
 
 
 def measure(model, originals: list[np.ndarray]) -> list[dict]:
@@ -73,7 +29,7 @@ def measure(model, originals: list[np.ndarray]) -> list[dict]:
     threshold = model.threshold("detection")
     base = model.probabilities(np.stack([reader.resize(im, size) for im in originals]))
     rows = []
-    for name, transform in TRANSFORMS.items():
+    for name, transform in shift.INVARIANT.items():
         moved = model.probabilities(
             np.stack([reader.resize(transform(im), size) for im in originals])
         )

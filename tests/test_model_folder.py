@@ -95,3 +95,18 @@ def test_bundled_models_ship_within_size_budget(name: str) -> None:
     assert model.meta["architecture"] == architecture and model.input_size == 128
     total = sum(p.stat().st_size for p in model_folder.bundled_dir().glob("*/*"))
     assert total <= 40 * 2**20  # weights, guards and ONNX graphs of all four
+
+
+def test_the_guard_reads_the_extractor_model_json_names_or_the_one_an_older_folder_used() -> None:
+    """New folders record the guard's input blur; one fitted before read its transfer member's
+    trunk (with that member's blur) or an unblurred one, and must keep reading the same."""
+    cnn = {"architecture": "cnn", "model_args": {}}
+    transfer = {"architecture": "transfer", "model_args": {"input_blur": 1.0}}
+    older = {"ood": {"threshold": 20.0}}
+    assert model_folder.guard_blur({**cnn, **older}) == 0.0
+    assert model_folder.guard_blur({**transfer, **older}) == 1.0
+    joined = {"architecture": "mixture", "model_args": {"members": [cnn, transfer]}}
+    assert model_folder.guard_blur({**joined, **older}) == 1.0
+    assert model_folder.guard_blur({**cnn, "ood": {"input_blur": 1.0}}) == 1.0
+    assert model_folder.shares_guard_trunk({**joined, "ood": {"input_blur": 1.0}})
+    assert not model_folder.shares_guard_trunk({**transfer, "ood": {"input_blur": 0.0}})

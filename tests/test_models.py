@@ -143,10 +143,12 @@ def test_transfer_bases_build_and_a_missing_weights_package_names_itself(
     assert count > sum(p.numel() for p in default.parameters())
     with torch.no_grad():
         assert larger(torch.rand(2, 1, 128, 128)).shape == (2,)
-    # Only Lite0's frozen trunk is the guard's feature extractor.
-    assert shares_guard_trunk("transfer", {}) and not shares_guard_trunk(
-        "transfer", {"base": "lite1"}
-    )
+    # Only Lite0's frozen trunk, at the guard's input blur and not equalised, is the guard's
+    # feature extractor.
+    assert shares_guard_trunk("transfer", {}, 0.0)
+    assert shares_guard_trunk("transfer", {"input_blur": 1.0}, 1.0)
+    for args, blur in [({"base": "lite1"}, 0.0), ({}, 1.0), ({"equalize": True}, 0.0)]:
+        assert not shares_guard_trunk("transfer", args, blur)
 
     def not_installed(name: str) -> None:
         raise ImportError(name)

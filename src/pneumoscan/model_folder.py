@@ -195,7 +195,7 @@ def save(
     shipped.load_state_dict(  # what the weights file holds: its tensors rounded to `dtype`
         {k: v.to(dtype).to(v.dtype) for k, v in network.state_dict().items()}
     )
-    scorer = Scorer(shipped, ood, shares_guard_trunk(meta))
+    scorer = Scorer(shipped, ood, shares_guard_trunk(meta), guard_blur(meta))
     external = ["weights"] + (["ood"] if ood is not None else [])
     export_onnx(
         scorer,
@@ -263,6 +263,7 @@ def load(model: str | Path) -> LoadedModel:
         args["members"] = [
             {"architecture": a, "model_args": _without_pretraining(a, x)} for a, x in parts(meta)
         ]
+        args["guard_blur"] = guard_blur(meta)
     else:
         args = _without_pretraining(meta["architecture"], args)
     network = create_model(meta["architecture"], meta["input_size"], **args)
@@ -271,7 +272,7 @@ def load(model: str | Path) -> LoadedModel:
     if "ood" in meta:
         ood = Guard()
         ood.load_state_dict(_read_tensors(card, "ood"))
-    scorer = Scorer(network, ood, shares_guard_trunk(meta))
+    scorer = Scorer(network, ood, shares_guard_trunk(meta), guard_blur(meta))
     scorer = scorer.eval().to(memory_format=torch.channels_last)
     return LoadedModel(card.name, card.folder, meta, network, scorer)
 
@@ -287,11 +288,26 @@ def parts(meta: dict) -> list[tuple[str, dict]]:
     return [(meta["architecture"], args)]
 
 
+def guard_blur(meta: dict) -> float:
+    """The input blur of the guard's feature extractor. model.json says (`ood.input_blur`); a
+    folder fitted before it did read the trunk of its transfer member, if it had one (with that
+    member's blur), or an unblurred one."""
+    ood = meta.get("ood", {})
+    if "input_blur" in ood:
+        return float(ood["input_blur"])
+    for architecture, args in parts(meta):
+        if architecture == "transfer" and args.get("trainable_blocks", 2) == 2:
+            if args.get("base", "lite0") == "lite0":
+                return float(args.get("input_blur", 0.0))
+    return 0.0
+
+
 def shares_guard_trunk(meta: dict) -> bool:
     """Whether the model's own frozen trunk (a member's) is exactly the guard's extractor."""
     from pneumoscan import models
 
-    return any(models.shares_guard_trunk(a, args) for a, args in parts(meta))
+    blur = guard_blur(meta)
+    return any(models.shares_guard_trunk(a, args, blur) for a, args in parts(meta))
 
 
 def _without_pretraining(architecture: str, args: dict) -> dict:

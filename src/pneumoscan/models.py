@@ -14,6 +14,7 @@ from torch import nn
 
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.guard import FROZEN_STAGES, Guard
+from pneumoscan.guard import INPUT_BLUR as GUARD_BLUR
 
 MODEL_NAMES = ("dense", "cnn", "transfer")
 IMAGENET_BASES = ("lite0", "lite1", "lite2")  # EfficientNet-Lite sizes, for `transfer`
@@ -138,9 +139,12 @@ class Mixture(nn.Module):
         return self.members[self.shared]
 
 
-def mixture(members: list[Classifier], specs: list[dict]) -> Mixture:
-    """Join networks of different recipes; `specs` holds each one's architecture and model_args."""
-    sharing = [shares_guard_trunk(s["architecture"], s["model_args"]) for s in specs]
+def mixture(
+    members: list[Classifier], specs: list[dict], guard_blur: float = GUARD_BLUR
+) -> Mixture:
+    """Join networks of different recipes; `specs` holds each one's architecture and model_args.
+    A member whose frozen trunk is the guard's extractor (`guard_blur`) runs it for the guard."""
+    sharing = [shares_guard_trunk(s["architecture"], s["model_args"], guard_blur) for s in specs]
     return Mixture(members, sharing.index(True) if any(sharing) else None)
 
 
@@ -306,20 +310,28 @@ def transfer(
     return Classifier(trunk, head)
 
 
-def imagenet_trunk(stages: int) -> nn.Sequential:
+def imagenet_trunk(stages: int, input_blur: float = 0.0) -> nn.Sequential:
     """The frozen ImageNet stem and first `stages` stages of EfficientNet-Lite0."""
-    return transfer(0, trainable_blocks=7 - stages).trunk.eval()
+    return transfer(0, trainable_blocks=7 - stages, input_blur=input_blur).trunk.eval()
 
 
 class Scorer(nn.Module):
     """Images in [0, 1] -> (logits, out-of-distribution distances): what every backend runs."""
 
-    def __init__(self, network: Classifier | Mixture, ood: Guard | None, shares_trunk: bool):
+    def __init__(
+        self,
+        network: Classifier | Mixture,
+        ood: Guard | None,
+        shares_trunk: bool,
+        guard_blur: float = 0.0,
+    ):
         super().__init__()
         self.network = network
         self.guard = ood
         # The transfer model's frozen trunk is the guard's feature extractor: run it once.
-        self.guard_trunk = None if ood is None or shares_trunk else imagenet_trunk(FROZEN_STAGES)
+        self.guard_trunk = (
+            None if ood is None or shares_trunk else imagenet_trunk(FROZEN_STAGES, guard_blur)
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.guard is None:
@@ -331,11 +343,16 @@ class Scorer(nn.Module):
         return self.network(x), self.guard(self.guard_trunk(x))
 
 
-def shares_guard_trunk(architecture: str, model_args: dict) -> bool:
-    """Whether a model's own frozen trunk is exactly the guard's feature extractor."""
-    trainable = model_args.get("trainable_blocks", 2)
-    lite0 = model_args.get("base", "lite0") == "lite0"
-    return architecture == "transfer" and lite0 and trainable == 7 - FROZEN_STAGES
+def shares_guard_trunk(architecture: str, model_args: dict, guard_blur: float) -> bool:
+    """Whether a model's own frozen trunk is exactly the guard's feature extractor (whose input
+    is low-passed by `guard_blur` px)."""
+    return (
+        architecture == "transfer"
+        and model_args.get("base", "lite0") == "lite0"
+        and model_args.get("trainable_blocks", 2) == 7 - FROZEN_STAGES
+        and model_args.get("input_blur", 0.0) == guard_blur
+        and not model_args.get("equalize", False)
+    )
 
 
 def load_imagenet_weights(base: nn.Module, name: str = "lite0") -> None:
@@ -374,16 +391,18 @@ def load_imagenet_weights(base: nn.Module, name: str = "lite0") -> None:
 _FACTORIES = {"dense": dense, "cnn": cnn, "transfer": transfer}
 
 
-def create_model(name: str, image_size: int = 128, members=1, **kwargs) -> Classifier | Mixture:
+def create_model(
+    name: str, image_size: int = 128, members=1, guard_blur: float = GUARD_BLUR, **kwargs
+) -> Classifier | Mixture:
     """Build a model by name: `dense`, `cnn` or `transfer`; `members` > 1: that many heads on one
     trunk (`heads_on_one_trunk`).
 
     `mixture` joins models of any of those: `members` lists each one's `architecture` and
-    `model_args`.
+    `model_args`; `guard_blur` says which member's trunk the guard reads (`mixture`).
     """
     if name == "mixture":
         built = [create_model(m["architecture"], image_size, **m["model_args"]) for m in members]
-        return mixture(built, members)
+        return mixture(built, members, guard_blur)
     if name not in _FACTORIES:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
     for key in ("hidden", "channels"):

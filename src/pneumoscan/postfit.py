@@ -35,18 +35,19 @@ def fit_postprocessing(
         raise PneumoscanError(
             f"{data_root}: not the data this model was trained on (fingerprint differs)"
         )
-    if model_folder.shares_guard_trunk(model.meta):
+    guard_spec = {"method": guard.DESCRIPTION, "input_blur": guard.INPUT_BLUR}
+    if model_folder.shares_guard_trunk({**model.meta, "ood": guard_spec}):
         trunk = model.network.trunk  # a mixture's: that of its member which shares it
     else:
         from pneumoscan.models import imagenet_trunk
 
-        trunk = imagenet_trunk(guard.FROZEN_STAGES)
+        trunk = imagenet_trunk(guard.FROZEN_STAGES, guard.INPUT_BLUR)
     trunk = trunk.to(memory_format=torch.channels_last)
     ood, ood_threshold, pass_rate = guard.fit(
         _pooled(trunk, d.images, d.train_idx, cfg.batch_size),
         _pooled(trunk, d.images, d.val_idx, cfg.batch_size),
     )
-    meta = {**model.meta, "ood": {"method": guard.DESCRIPTION, "threshold": ood_threshold}}
+    meta = {**model.meta, "ood": {**guard_spec, "threshold": ood_threshold}}
     model_folder.save(
         model.folder,
         model.network,

@@ -1,12 +1,14 @@
 """Views of an X-ray as another hospital's equipment would give it: exposure, windowing,
 sharpness, noise, framing. Each view maps an 8-bit greyscale image to another.
 
-The exposure views measure invariance (`bench/exposure.py`); all of them fit the outer tier of
-the domain check, the distance beyond which an image is no chest X-ray at all (`guard`).
+The exposure views and the DICOM encodings (`INVARIANT`) are what a model must not change its
+answer for (`bench/exposure.py`); all the views fit calibration, the operating points and the
+outer tier of the domain check (postfit.py).
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 
 import numpy as np
@@ -70,4 +72,56 @@ VIEWS: dict[str, View] = {
     "crop": _crop,
     "rotate8": _rotate,
     "low-contrast": _low_contrast,
+}
+
+
+def _dicom(pixels: np.ndarray, photometric: str, bits: int, **attrs) -> bytes:
+    from pydicom import uid
+    from pydicom.dataset import FileDataset, FileMetaDataset
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = uid.DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = uid.generate_uid()
+    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.set_pixel_data(pixels, photometric, bits)
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _read(encoded: bytes) -> np.ndarray:
+    from pneumoscan import reader
+
+    return reader.read_image(encoded)
+
+
+def windowed_12bit(image: np.ndarray) -> np.ndarray:
+    """The image as a 12-bit DICOM with a VOI window over its range, read back."""
+    wide = image.astype(np.uint16) * 16 + 8
+    return _read(_dicom(wide, "MONOCHROME2", 12, WindowCenter=2048, WindowWidth=4096))
+
+
+def monochrome1_full(image: np.ndarray) -> np.ndarray:
+    """The image as MONOCHROME1 inverted over the full 8 bits, read back."""
+    return _read(_dicom((255 - image).astype(np.uint8), "MONOCHROME1", 8))
+
+
+def monochrome1_own_range(image: np.ndarray) -> np.ndarray:
+    """The image as 12-bit MONOCHROME1 inverted over its own pixel range, read back."""
+    wide = image.astype(np.uint16) * 16
+    inverted = (int(wide.max()) + int(wide.min()) - wide).astype(np.uint16)
+    return _read(_dicom(inverted, "MONOCHROME1", 12))
+
+
+# What a model must not change its answer for: exposure, and how a DICOM file encodes the image.
+INVARIANT: dict[str, View] = {
+    **EXPOSURE,
+    "dicom-12bit-window": windowed_12bit,
+    "dicom-monochrome1": monochrome1_full,
+    "dicom-monochrome1-own-range": monochrome1_own_range,
 }
