@@ -35,9 +35,10 @@ def test_calibration_and_thresholds_are_fit_on_validation_under_the_shift_views(
         assert {k: v for k, v in point.items() if k != "validation_plain"} == expected[
             "operating_points"
         ][name]
-        assert point["validation_plain"] == metrics.point_metrics(
-            d.labels[d.val_idx], probs, point["threshold"]
-        ).to_dict()
+        assert (
+            point["validation_plain"]
+            == metrics.point_metrics(d.labels[d.val_idx], probs, point["threshold"]).to_dict()
+        )
         low, high = point["sensitivity_ci"]
         assert low <= point["validation"]["sensitivity"] <= high
     assert model.meta["validation"]["n"] == len(d.val_idx)

@@ -15,13 +15,7 @@ sections 26 and 27).
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
-
-if TYPE_CHECKING:
-    from pneumoscan.model_folder import ModelCard
 
 IN_DOMAIN, SHIFTED, NOT_CHEST_XRAY = "in_domain", "shifted", "not_chest_xray"
 DOMAINS = (IN_DOMAIN, SHIFTED, NOT_CHEST_XRAY)

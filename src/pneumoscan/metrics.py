@@ -99,7 +99,9 @@ def point_bootstrap_ci(
     row, e.g. one image under several views), whole groups are."""
     labels = np.asarray(labels)
     called = np.asarray(probs) >= threshold
-    _, members = np.unique(np.arange(len(labels)) if groups is None else groups, return_inverse=True)
+    _, members = np.unique(
+        np.arange(len(labels)) if groups is None else groups, return_inverse=True
+    )
     # Per group: its positives called, positives, negatives called negative, negatives.
     counts = np.stack(
         [

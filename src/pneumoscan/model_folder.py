@@ -296,9 +296,9 @@ def guard_blur(meta: dict) -> float:
     if "input_blur" in ood:
         return float(ood["input_blur"])
     for architecture, args in parts(meta):
-        if architecture == "transfer" and args.get("trainable_blocks", 2) == 2:
-            if args.get("base", "lite0") == "lite0":
-                return float(args.get("input_blur", 0.0))
+        lite0 = args.get("base", "lite0") == "lite0"
+        if architecture == "transfer" and lite0 and args.get("trainable_blocks", 2) == 2:
+            return float(args.get("input_blur", 0.0))
     return 0.0
 
 

@@ -72,7 +72,9 @@ def fit_postprocessing(
     )
     probs = fitted.calibrate(plain_logits)
     for point in fitted.meta["operating_points"].values():
-        point["validation_plain"] = metrics.point_metrics(labels, probs, point["threshold"]).to_dict()
+        point["validation_plain"] = metrics.point_metrics(
+            labels, probs, point["threshold"]
+        ).to_dict()
     fitted.meta["validation"] = {
         "auc": metrics.auc(labels, plain_logits),
         "auc_under_views": metrics.auc(np.tile(labels, rows), logits),
