@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -103,6 +104,33 @@ def test_equalisation_gives_every_image_one_histogram_whatever_its_exposure(
         image = torch.from_numpy(reader.load(path, 128).copy()).float()[None, None] / 255
         deciles = torch.quantile(equalize(image).flatten(), torch.linspace(0.1, 0.9, 9))
         assert torch.allclose(deciles, torch.linspace(0.1, 0.9, 9), atol=0.03)
+
+
+def test_equalisation_with_merged_ends_is_blind_to_what_an_exposure_clips_there(
+    xray_files: list,
+) -> None:
+    """An offset of -20 grey levels clips an X-ray's darkest pixels to black, a gain of 1.15 its
+    brightest to white. With the darkest quarter and the brightest 15% of each image merged,
+    equalisation sees the same image, clipped or not, as long as the clipped share is smaller."""
+    from pneumoscan import reader, shift
+    from pneumoscan.models import equalize
+
+    def unit(image):
+        return torch.from_numpy(image.copy()).float()[None, None] / 255
+
+    image = reader.resize(reader.read_image(xray_files[0]), 128)
+    rng = np.random.default_rng(0)
+    dark = rng.random(image.shape) < 0.2  # a fifth of the pixels darker than 20 levels
+    image = np.where(dark, rng.integers(0, 20, image.shape), np.maximum(image, 40)).astype(np.uint8)
+    for view in (shift.offset(-20), shift.gain(1.15)):
+        plain = equalize(unit(view(image))) - equalize(unit(image))
+        merged = equalize(unit(view(image)), 0.25, 0.15) - equalize(unit(image), 0.25, 0.15)
+        assert merged.abs().max() < 1e-6 < plain.abs().max()
+    out = equalize(unit(image), 0.25, 0.15)
+    assert out.min() == 0 and out.max() == 1
+    model = create_model("cnn", equalize=[0.25, 0.15]).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 128, 128)).shape == (2,)
 
 
 def test_zoom_views_average_the_logits_of_zoomed_images_when_scoring() -> None:

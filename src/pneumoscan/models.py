@@ -170,18 +170,23 @@ def _on_first_trunk(members: list[Classifier]) -> Classifier:
     return Classifier(members[0].trunk, MeanOfHeads([m.head for m in members]), members[0].views)
 
 
-def equalize(x: torch.Tensor) -> torch.Tensor:
+def equalize(x: torch.Tensor, dark: float = 0.0, bright: float = 0.0) -> torch.Tensor:
     """Histogram equalisation of each (N, 1, H, W) image in [0, 1], at 256 grey levels.
 
     Each pixel becomes the share of its image's pixels that are darker, plus half of those
     equally bright: every image then has the same, flat histogram, whatever its exposure,
-    windowing or share of black border.
+    windowing or share of black border. With `dark` and `bright`, the darkest and the brightest
+    such shares of each image become one level each (the range is then stretched back to
+    [0, 1]): what an exposure clips at either end is then the same whether clipped or not.
     """
     flat = x.flatten(1)
     levels = (flat.clamp(0, 1) * 255).round().long()
     counts = torch.zeros_like(flat[:, :256]).scatter_add_(1, levels, torch.ones_like(flat))
     below = (counts.cumsum(1) - 0.5 * counts) / flat.shape[1]
-    return below.gather(1, levels).view_as(x)
+    ranks = below.gather(1, levels).view_as(x)
+    if dark or bright:
+        ranks = (ranks.clamp(dark, 1 - bright) - dark) / (1 - dark - bright)
+    return ranks
 
 
 class Standardize(nn.Module):
@@ -189,7 +194,8 @@ class Standardize(nn.Module):
 
     `blur` (a Gaussian's sigma in pixels) low-passes the image first: a decision should not
     hang on pixel-level noise, which differs between scanners, encoders and resamplings.
-    `equalize` then flattens each image's histogram (see `equalize`).
+    `equalize` then flattens each image's histogram (see `equalize`); a pair (dark, bright)
+    also merges those shares at either end.
     """
 
     def __init__(
@@ -197,10 +203,10 @@ class Standardize(nn.Module):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         blur: float = 0.0,
-        equalize: bool = False,
+        equalize: bool | tuple[float, float] = False,
     ):
         super().__init__()
-        self.equalize = equalize
+        self.equalize = tuple(equalize) if isinstance(equalize, list | tuple) else equalize
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         radius = max(1, round(2 * blur))
@@ -214,7 +220,7 @@ class Standardize(nn.Module):
             x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="replicate"), self.taps)
             x = F.conv2d(F.pad(x, (0, 0, pad, pad), mode="replicate"), self.taps.transpose(2, 3))
         if self.equalize:
-            x = equalize(x)
+            x = equalize(x, *self.equalize) if isinstance(self.equalize, tuple) else equalize(x)
         return (x.expand(-1, self.mean.shape[1], -1, -1) - self.mean) / self.std
 
 
@@ -223,7 +229,7 @@ def dense(
     hidden: tuple[int, ...] = (128, 64),
     dropout: float = 0.3,
     input_blur: float = 0.0,
-    equalize: bool = False,
+    equalize: bool | tuple[float, float] = False,
 ) -> Classifier:
     """A fully connected network on the flattened pixels."""
     layers: list[nn.Module] = [Standardize((0.5,), (0.25,), input_blur, equalize), nn.Flatten()]
@@ -245,7 +251,7 @@ def cnn(
     channels: tuple[int, ...] = (8, 16, 32, 64, 128),
     dropout: float = 0.3,
     input_blur: float = 0.0,
-    equalize: bool = False,
+    equalize: bool | tuple[float, float] = False,
     zoom_views: list[float] | None = None,
 ) -> Classifier:
     """A small VGG-style network trained from scratch, sized for a CPU.
@@ -274,7 +280,7 @@ def transfer(
     dropout: float = 0.2,
     pretrained: bool = True,
     input_blur: float = 0.0,
-    equalize: bool = False,
+    equalize: bool | tuple[float, float] = False,
     base: str = "lite0",
 ) -> Classifier:
     """EfficientNet-Lite (`base`: lite0, lite1, lite2) with ImageNet weights; only the top
