@@ -136,7 +136,10 @@ def model_card(loaded: model_folder.ModelCard, max_file_bytes: int, max_files: i
     meta = loaded.meta
     ood = meta.get("ood")
     points = {
-        name: {k: point.get(k) for k in ("threshold", "rule", "validation")}
+        name: {
+            k: point.get(k)
+            for k in ("threshold", "rule", "validation", "sensitivity_ci", "specificity_ci")
+        }
         for name, point in meta["operating_points"].items()
     }
     return {

@@ -112,7 +112,8 @@
         .map((name) => {
           const point = card.operating_points[name];
           const v = point.validation || {};
-          return `${name} ${fmt(point.threshold)} (validation sensitivity ${fmt(v.sensitivity)}, specificity ${fmt(v.specificity)})`;
+          const ci = point.sensitivity_ci ? ` (95% CI ${fmt(point.sensitivity_ci[0])}-${fmt(point.sensitivity_ci[1])})` : "";
+          return `${name} ${fmt(point.threshold)} (validation sensitivity ${fmt(v.sensitivity)}${ci}, specificity ${fmt(v.specificity)})`;
         });
       // An ensemble averages its networks' answers: "mean of cnn + transfer", "mean of cnn x3".
       const about =
