@@ -49,7 +49,12 @@ def test_a_mixture_of_families_scores_the_mean_and_shares_the_guard_trunk(
 ) -> None:
     from pneumoscan import explain, reader, runtime
 
-    folders = [tiny_models["cnn"], tiny_models["transfer"]]
+    # A transfer trunk the guard can read: blurred as the guard's, not equalised (the bundled
+    # recipe equalises since docs/experiments.md section 29, and then the guard runs its own).
+    plain = quick("transfer", max_steps=6)
+    plain.model_args = {**plain.model_args, "equalize": False, "input_blur": 1.0}
+    train.train(plain, small_data, tmp_path / "transfer", "cpu", log=silent, progress=False)
+    folders = [tiny_models["cnn"], tmp_path / "transfer"]
     joined = join_models(folders, small_data, tmp_path / "mix")
     assert joined.meta["architecture"] == "mixture" and joined.name == "cnn+transfer"
     assert joined.description == "cnn + transfer" and joined.members == 2
@@ -71,6 +76,12 @@ def test_a_mixture_of_families_scores_the_mean_and_shares_the_guard_trunk(
         [tiny_models["dense"], tiny_models["cnn"]], small_data, tmp_path / "flat"
     )
     assert with_dense.scorer.guard_trunk is not None  # no member shares it: the guard runs its own
+    equalised = join_models(
+        [tiny_models["cnn"], tiny_models["transfer"]], small_data, tmp_path / "equalised"
+    )
+    assert equalised.scorer.guard_trunk is not None
+    # Either way the guard reads the same features of the same images.
+    assert np.allclose(equalised.raw_scores(images)[1], distances, rtol=1e-3, atol=1e-3)
     with pytest.raises(PneumoscanError, match="no spatial layer"):
         explain.heatmap(with_dense, images[0])
     with pytest.raises(PneumoscanError, match="already a mixture"):

@@ -359,7 +359,7 @@ def predict(
             f" ({skipped} input(s) not DICOM or not scored)" if skipped else ""
         )
     failed = sum(r.error is not None for r in results)
-    _stderr(_summary(results, f"{loaded.name} model, {mode} point") + reports)
+    _stderr(_summary(results, f"{loaded.name} model, {loaded.point_note(mode)}") + reports)
     if failed:
         raise typer.Exit(2)
 

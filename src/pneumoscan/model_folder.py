@@ -94,6 +94,12 @@ class ModelCard:
             raise PneumoscanError(f"--mode {mode!r}: choose one of {', '.join(points)}")
         return float(points[mode]["threshold"])
 
+    def point_note(self, mode: str) -> str:
+        """The operating point, and the sensitivity interval it was fitted with if known."""
+        ci = self.meta["operating_points"].get(mode, {}).get("sensitivity_ci")
+        interval = f", expected sensitivity {ci[0]:.2f}-{ci[1]:.2f}" if ci else ""
+        return f"{mode} point{interval}"
+
     def file(self, key: str) -> Path:
         """The file model.json names under `key`, after checking its SHA-256."""
         entry = self.meta[key]
