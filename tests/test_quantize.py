@@ -30,9 +30,15 @@ def test_int8_graph_beside_the_fp32_one(
     meta = json.loads((folder / "model.json").read_text())
     assert meta["onnx_int8"]["file"] == path.name and len(meta["onnx_int8"]["sha256"]) == 64
     images = np.stack([predict.decode(f, 128).image for f in xray_files])
-    fp32 = runtime.load(folder).probabilities(images)
-    int8 = runtime.load(folder, precision="int8").probabilities(images)
+    fp32_model, int8_model = runtime.load(folder), runtime.load(folder, precision="int8")
+    (fp32_logits, fp32_distances), (int8_logits, int8_distances) = (
+        m.raw_scores(images) for m in (fp32_model, int8_model)
+    )
+    fp32, int8 = fp32_model.calibrate(fp32_logits), int8_model.calibrate(int8_logits)
     assert np.max(np.abs(fp32 - int8)) < 0.1  # close, not equal: bench/int8.py measures it
+    assert not np.array_equal(fp32_logits, int8_logits)  # the classifier is quantized...
+    # ...the guard's own stages are not: its distances, and so its outcomes, are fp32's.
+    assert np.allclose(int8_distances, fp32_distances, rtol=1e-5)
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(PneumoscanError, match="checksum"):
         runtime.load(folder, precision="int8")

@@ -1,9 +1,10 @@
 """The int8 fast path: an ONNX Runtime static quantization of a model folder's graph.
 
 QDQ format, per-channel int8 weights, activations calibrated on training images (the part of
-`train/` that trains, never validation or test). Only convolutions and the network's matrix
-products are quantized; the guard's distance stays in fp32 (its threshold is a quantile of fp32
-distances). The graph is written beside the fp32 one as `model.int8.onnx` and checksummed in
+`train/` that trains, never validation or test). Only the classifier's convolutions are
+quantized. The guard stays in fp32 (its thresholds are quantiles of fp32 distances): its
+distance, and its own feature extractor where the model has one (`Scorer.guard_trunk`: every
+model whose trunk is not the guard's), so that its outcomes are those of the fp32 graph. The graph is written beside the fp32 one as `model.int8.onnx` and checksummed in
 model.json like every other file; `runtime.load(..., precision="int8")` runs it.
 """
 
@@ -24,6 +25,7 @@ from pneumoscan.export import store_exact_fp16
 INT8_FILE = "model.int8.onnx"
 INT8_KEY = "onnx_int8"
 CALIBRATION_IMAGES = 128
+GUARD_SCOPE = "/guard_trunk/"  # the ONNX names of the guard's own stages (Scorer.guard_trunk)
 
 
 def calibration_images(data_root: Path, size: int, count: int = CALIBRATION_IMAGES) -> np.ndarray:
@@ -89,6 +91,11 @@ def add_int8(folder: Path, data_root: Path) -> Path:
         plain, prepared = Path(tmp) / "fp32.onnx", Path(tmp) / "prepared.onnx"
         _fp32_graph(card, plain)
         quant_pre_process(str(plain), str(prepared), skip_symbolic_shape=True)
+        guard_nodes = [
+            node.name
+            for node in onnx.load(str(prepared), load_external_data=False).graph.node
+            if node.name.startswith(GUARD_SCOPE)
+        ]
         out = Path(tmp) / INT8_FILE
         quantize_static(
             str(prepared),
@@ -99,6 +106,7 @@ def add_int8(folder: Path, data_root: Path) -> Path:
             weight_type=QuantType.QInt8,
             activation_type=QuantType.QUInt8,
             op_types_to_quantize=["Conv"],
+            nodes_to_exclude=guard_nodes,
             calibrate_method=CalibrationMethod.Percentile,
         )
         quantized = onnx.load(str(out))
