@@ -22,8 +22,13 @@ def test_bundled_onnx_stores_fp16_weights_exactly() -> None:
         "weights.safetensors",
         "guard.safetensors",
     }
+    # What the graph holds inline is the guard's own ImageNet stages (the equalised transfer
+    # trunk is not its extractor since docs/experiments.md section 29) and small constants.
+    inline = [i for i in pointers if not i.external_data]
+    guard_stages = sum(len(i.raw_data) for i in inline if i.name.startswith("guard_trunk."))
+    others = sum(len(i.raw_data) for i in inline if not i.name.startswith("guard_trunk."))
     weights = (folder / "weights.safetensors").stat().st_size
-    assert (folder / "model.onnx").stat().st_size < 0.05 * weights
+    assert others < 0.01 * weights and guard_stages < 0.5 * weights
 
 
 def test_export_command_writes_a_dynamic_batch_model(

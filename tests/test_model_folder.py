@@ -94,7 +94,10 @@ def test_bundled_models_ship_within_size_budget(name: str) -> None:
     architecture = "mixture" if name == "ensemble" else name
     assert model.meta["architecture"] == architecture and model.input_size == 128
     total = sum(p.stat().st_size for p in model_folder.bundled_dir().glob("*/*"))
-    assert total <= 40 * 2**20  # weights, guards and ONNX graphs of all four
+    # Weights, guards and ONNX graphs of all four, and two int8 graphs. Since the transfer trunk
+    # is equalised (docs/experiments.md, section 29) it is no longer the guard's extractor, and
+    # each graph carries the guard's own stages (2.9 MB).
+    assert total <= 48 * 2**20
 
 
 def test_the_guard_reads_the_extractor_model_json_names_or_the_one_an_older_folder_used() -> None:
