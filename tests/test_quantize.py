@@ -26,7 +26,8 @@ def test_int8_graph_beside_the_fp32_one(
     with pytest.raises(PneumoscanError, match="has no int8 graph"):
         runtime.load(folder, precision="int8")
     path = quantize.add_int8(folder, data_root)
-    assert path.parent == folder and path.stat().st_size < 2e6
+    # The classifier's int8 weights, and the guard's own stages left in fp32 (2.9 MB).
+    assert path.parent == folder and path.stat().st_size < 4e6
     meta = json.loads((folder / "model.json").read_text())
     assert meta["onnx_int8"]["file"] == path.name and len(meta["onnx_int8"]["sha256"]) == 64
     images = np.stack([predict.decode(f, 128).image for f in xray_files])
