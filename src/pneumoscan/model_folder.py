@@ -301,10 +301,12 @@ def guard_blur(meta: dict) -> float:
     ood = meta.get("ood", {})
     if "input_blur" in ood:
         return float(ood["input_blur"])
+    from pneumoscan import models
+
     for architecture, args in parts(meta):
-        lite0 = args.get("base", "lite0") == "lite0"
-        if architecture == "transfer" and lite0 and args.get("trainable_blocks", 2) == 2:
-            return float(args.get("input_blur", 0.0))
+        own = float(args.get("input_blur", 0.0))
+        if models.shares_guard_trunk(architecture, args, own):
+            return own
     return 0.0
 
 

@@ -75,7 +75,8 @@ VIEWS: dict[str, View] = {
 }
 
 
-def _dicom(pixels: np.ndarray, photometric: str, bits: int, **attrs) -> bytes:
+def dx_dataset(pixels: np.ndarray, photometric: str, bits: int, **attrs):
+    """A DX image (pydicom FileDataset) holding `pixels`, with `attrs` set on it."""
     from pydicom import uid
     from pydicom.dataset import FileDataset, FileMetaDataset
 
@@ -89,8 +90,12 @@ def _dicom(pixels: np.ndarray, photometric: str, bits: int, **attrs) -> bytes:
     ds.set_pixel_data(pixels, photometric, bits)
     for key, value in attrs.items():
         setattr(ds, key, value)
+    return ds
+
+
+def _dicom(pixels: np.ndarray, photometric: str, bits: int, **attrs) -> bytes:
     buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
+    dx_dataset(pixels, photometric, bits, **attrs).save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
 
 
