@@ -4,8 +4,9 @@
                              [--splits validation,test] [--every 4]
 
 For every `--every`-th image of each split (validation: carved from train as the models' own
-split, for decisions; test: for the record) and each transform, the detection-point label flips
-and the largest change of the calibrated probability against the untouched image. Transforms:
+split, for decisions; test: for the record) and each transform, the detection-point label flips,
+the largest change of the calibrated probability against the untouched image, and how many
+images change domain-check outcome (domain.py). Transforms:
 `shift.EXPOSURE` (offset +-20 grey levels, gain 0.85/1.15, gamma 0.8/1.25) applied to the
 decoded pixels, and DICOM encodings read back through the reader: 12-bit with a VOI window,
 MONOCHROME1 over the full bit depth, and MONOCHROME1 inverted over the image's own pixel range.
@@ -27,18 +28,22 @@ from pneumoscan import data, reader, runtime, shift
 def measure(model, originals: list[np.ndarray]) -> list[dict]:
     size = model.input_size
     threshold = model.threshold("detection")
-    base = model.probabilities(np.stack([reader.resize(im, size) for im in originals]))
+
+    def scored(images: list[np.ndarray]) -> tuple[np.ndarray, list[str]]:
+        logits, distances = model.raw_scores(np.stack([reader.resize(i, size) for i in images]))
+        return model.calibrate(logits), [model.domain(float(d)) for d in distances]
+
+    base, base_domains = scored(originals)
     rows = []
     for name, transform in shift.INVARIANT.items():
-        moved = model.probabilities(
-            np.stack([reader.resize(transform(im), size) for im in originals])
-        )
+        moved, domains = scored([transform(im) for im in originals])
         flips = int(((base >= threshold) != (moved >= threshold)).sum())
         rows.append(
             {
                 "transform": name,
                 "flips": flips,
                 "max_change": round(float(np.abs(moved - base).max()), 4),
+                "domain_changes": sum(a != b for a, b in zip(base_domains, domains, strict=True)),
             }
         )
     return rows

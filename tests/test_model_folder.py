@@ -101,15 +101,27 @@ def test_bundled_models_ship_within_size_budget(name: str) -> None:
 
 
 def test_the_guard_reads_the_extractor_model_json_names_or_the_one_an_older_folder_used() -> None:
-    """New folders record the guard's input blur; one fitted before read its transfer member's
-    trunk (with that member's blur) or an unblurred one, and must keep reading the same."""
+    """New folders record how the guard prepares its input; one fitted before read its
+    unequalised transfer member's trunk (with that member's blur) or a plain one, and one fitted
+    before `equalize` was recorded read an unequalised input: each keeps reading the same."""
+    plain = {"input_blur": 0.0, "equalize": False}
     cnn = {"architecture": "cnn", "model_args": {}}
     transfer = {"architecture": "transfer", "model_args": {"input_blur": 1.0}}
+    equalised = {
+        "architecture": "transfer",
+        "model_args": {"input_blur": 1.0, "equalize": [0.25, 0.15]},
+    }
     older = {"ood": {"threshold": 20.0}}
-    assert model_folder.guard_blur({**cnn, **older}) == 0.0
-    assert model_folder.guard_blur({**transfer, **older}) == 1.0
+    assert model_folder.guard_input({**cnn, **older}) == plain
+    assert model_folder.guard_input({**equalised, **older}) == plain
+    assert model_folder.guard_input({**transfer, **older}) == {**plain, "input_blur": 1.0}
     joined = {"architecture": "mixture", "model_args": {"members": [cnn, transfer]}}
-    assert model_folder.guard_blur({**joined, **older}) == 1.0
-    assert model_folder.guard_blur({**cnn, "ood": {"input_blur": 1.0}}) == 1.0
-    assert model_folder.shares_guard_trunk({**joined, "ood": {"input_blur": 1.0}})
+    assert model_folder.guard_input({**joined, **older}) == {**plain, "input_blur": 1.0}
+    blurred = {"ood": {"input_blur": 1.0}}
+    assert model_folder.guard_input({**cnn, **blurred}) == {**plain, "input_blur": 1.0}
+    assert model_folder.shares_guard_trunk({**joined, **blurred})
     assert not model_folder.shares_guard_trunk({**transfer, "ood": {"input_blur": 0.0}})
+    assert not model_folder.shares_guard_trunk({**equalised, **blurred})
+    now = {"ood": {"input_blur": 1.0, "equalize": [0.25, 0.15]}}
+    assert model_folder.shares_guard_trunk({**equalised, **now})
+    assert not model_folder.shares_guard_trunk({**transfer, **now})

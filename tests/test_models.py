@@ -171,12 +171,20 @@ def test_transfer_bases_build_and_a_missing_weights_package_names_itself(
     assert count > sum(p.numel() for p in default.parameters())
     with torch.no_grad():
         assert larger(torch.rand(2, 1, 128, 128)).shape == (2,)
-    # Only Lite0's frozen trunk, at the guard's input blur and not equalised, is the guard's
-    # feature extractor.
-    assert shares_guard_trunk("transfer", {}, 0.0)
-    assert shares_guard_trunk("transfer", {"input_blur": 1.0}, 1.0)
-    for args, blur in [({"base": "lite1"}, 0.0), ({}, 1.0), ({"equalize": True}, 0.0)]:
-        assert not shares_guard_trunk("transfer", args, blur)
+    # Only Lite0's frozen trunk, on the input prepared as the guard's is, is its extractor.
+    plain, blurred = {}, {"input_blur": 1.0}
+    merged = {"input_blur": 1.0, "equalize": (0.25, 0.15)}
+    assert shares_guard_trunk("transfer", plain, plain)
+    assert shares_guard_trunk("transfer", blurred, blurred)
+    assert shares_guard_trunk("transfer", {"input_blur": 1.0, "equalize": [0.25, 0.15]}, merged)
+    for args, guard_input in [
+        ({"base": "lite1"}, plain),
+        (plain, blurred),
+        ({"equalize": True}, plain),
+        ({"input_blur": 1.0, "equalize": True}, merged),
+        (merged, blurred),
+    ]:
+        assert not shares_guard_trunk("transfer", args, guard_input)
 
     def not_installed(name: str) -> None:
         raise ImportError(name)

@@ -43,3 +43,13 @@ def test_int8_graph_beside_the_fp32_one(
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(PneumoscanError, match="checksum"):
         runtime.load(folder, precision="int8")
+    # Saving the folder anew (e.g. a refit) replaces the graph the int8 one was quantized from:
+    # the stale int8 graph goes with it, rather than run beside weights it does not hold.
+    import torch
+
+    loaded = model_folder.load(folder)
+    dtype = getattr(torch, loaded.meta["weights"]["dtype"])
+    model_folder.save(folder, loaded.network, loaded.meta, dtype=dtype, ood=loaded.scorer.guard)
+    assert quantize.INT8_KEY not in model_folder.read_card(folder).meta and not path.exists()
+    with pytest.raises(PneumoscanError, match="has no int8 graph"):
+        runtime.load(folder, precision="int8")

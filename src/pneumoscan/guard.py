@@ -1,10 +1,11 @@
 """The not-a-chest-X-ray guard: how far an image lies from the training X-rays.
 
 The distance is Mahalanobis (Ledoit-Wolf shrunk covariance) on the mean- and std-pooled
-outputs of EfficientNet-Lite0's frozen ImageNet stages, on the image low-passed by a Gaussian of
-`INPUT_BLUR` px: generic image features, in which photographs, documents, noise and blank frames
-lie far from radiographs whatever the classifier. Every model's guard reads the same features;
-the transfer model's frozen trunk is that extractor, so for it the guard costs almost nothing.
+outputs of EfficientNet-Lite0's frozen ImageNet stages, on the image as `INPUT` prepares it (a
+Gaussian low-pass, no equalisation): generic image features, in which photographs, documents,
+noise and blank frames lie far from radiographs whatever the classifier. Every model's guard
+reads the same features; a `transfer` trunk that prepares its input the same way is that
+extractor, so for it the guard costs almost nothing.
 Its threshold lets at least 99% of validation X-rays pass.
 """
 
@@ -15,14 +16,17 @@ import torch
 from torch import nn
 
 FROZEN_STAGES = 5  # stem + the first five stages of EfficientNet-Lite0 (112 channels, stride 16)
-# The low-pass before the guard's stages: the `transfer` trunk's (docs/experiments.md, section 28:
-# with it the guard tells a packaged MRI slice from a shifted chest X-ray, without it not).
-INPUT_BLUR = 1.0
+# How the guard's stages prepare their input, in model_args' terms (models.Standardize). The
+# 1-px low-pass tells a packaged MRI slice from a shifted chest X-ray (docs/experiments.md,
+# section 28). Equalised like the `transfer` trunk, it would bring photographs close to the adult
+# films (section 30), so the equalised trunk is not the guard's.
+INPUT = {"input_blur": 1.0, "equalize": False}
 FEATURES = 2 * 112
 PASS_QUANTILE = 0.995  # of validation X-rays under the threshold (the target is >= 0.99)
 DESCRIPTION = (
     "Mahalanobis distance (Ledoit-Wolf) of mean+std pooled EfficientNet-Lite0 ImageNet features "
-    f"(stem + {FROZEN_STAGES} stages, input blur {INPUT_BLUR} px), fit on the training X-rays"
+    f"(stem + {FROZEN_STAGES} stages, input blur {INPUT['input_blur']} px), fit on the training "
+    "X-rays"
 )
 
 

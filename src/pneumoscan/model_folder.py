@@ -34,6 +34,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
 GUARD_FILE = "guard.safetensors"
 ONNX_FILE = "model.onnx"
+INT8_FILE, INT8_KEY = "model.int8.onnx", "onnx_int8"  # quantize.add_int8 writes it
 META_FILE = "model.json"
 # Grad-CAM needs a spatial layer before the global pooling: every architecture but `dense`.
 SPATIAL_ARCHITECTURES = ("cnn", "transfer")
@@ -171,15 +172,18 @@ def save(
     """Write weights (and the guard), the ONNX graph, then model.json with each file's SHA-256.
 
     The ONNX graph holds exactly the weights that ship (rounded to `dtype`), so both backends
-    give the same answers.
+    give the same answers. An int8 graph quantized from the folder's previous graph is removed
+    (quantize.add_int8 makes a new one).
     """
     import torch
 
     from pneumoscan.export import export_onnx
-    from pneumoscan.models import Scorer
+    from pneumoscan.models import Mixture, Scorer
 
     dtype = dtype or torch.float32
     folder.mkdir(parents=True, exist_ok=True)
+    if meta.pop(INT8_KEY, None):  # quantized from the graph this save replaces: stale now
+        (folder / INT8_FILE).unlink(missing_ok=True)
     meta = {
         **meta,
         "format_version": FORMAT_VERSION,
@@ -201,7 +205,9 @@ def save(
     shipped.load_state_dict(  # what the weights file holds: its tensors rounded to `dtype`
         {k: v.to(dtype).to(v.dtype) for k, v in network.state_dict().items()}
     )
-    scorer = Scorer(shipped, ood, shares_guard_trunk(meta), guard_blur(meta))
+    if isinstance(shipped, Mixture):  # the member that feeds the guard, as `meta` says now
+        shipped.shared = guard_member(meta)
+    scorer = Scorer(shipped, ood, shares_guard_trunk(meta), guard_input(meta))
     external = ["weights"] + (["ood"] if ood is not None else [])
     export_onnx(
         scorer,
@@ -269,7 +275,7 @@ def load(model: str | Path) -> LoadedModel:
         args["members"] = [
             {"architecture": a, "model_args": _without_pretraining(a, x)} for a, x in parts(meta)
         ]
-        args["guard_blur"] = guard_blur(meta)
+        args["guard_input"] = guard_input(meta)
     else:
         args = _without_pretraining(meta["architecture"], args)
     network = create_model(meta["architecture"], meta["input_size"], **args)
@@ -278,7 +284,7 @@ def load(model: str | Path) -> LoadedModel:
     if "ood" in meta:
         ood = Guard()
         ood.load_state_dict(_read_tensors(card, "ood"))
-    scorer = Scorer(network, ood, shares_guard_trunk(meta), guard_blur(meta))
+    scorer = Scorer(network, ood, shares_guard_trunk(meta), guard_input(meta))
     scorer = scorer.eval().to(memory_format=torch.channels_last)
     return LoadedModel(card.name, card.folder, meta, network, scorer)
 
@@ -294,28 +300,36 @@ def parts(meta: dict) -> list[tuple[str, dict]]:
     return [(meta["architecture"], args)]
 
 
-def guard_blur(meta: dict) -> float:
-    """The input blur of the guard's feature extractor. model.json says (`ood.input_blur`); a
-    folder fitted before it did read the trunk of its transfer member, if it had one (with that
-    member's blur), or an unblurred one."""
+def guard_input(meta: dict) -> dict:
+    """How the guard's feature extractor prepares its input (`input_blur`, `equalize`), as
+    model.json's `ood` section says. A folder fitted before it said read the trunk of its
+    unequalised transfer member, if it had one (with that member's blur), or a plain one; one
+    fitted before `ood.equalize` read an unequalised input."""
     ood = meta.get("ood", {})
     if "input_blur" in ood:
-        return float(ood["input_blur"])
+        return {"input_blur": float(ood["input_blur"]), "equalize": ood.get("equalize", False)}
     from pneumoscan import models
 
     for architecture, args in parts(meta):
-        own = float(args.get("input_blur", 0.0))
+        own = {"input_blur": float(args.get("input_blur", 0.0)), "equalize": False}
         if models.shares_guard_trunk(architecture, args, own):
             return own
-    return 0.0
+    return {"input_blur": 0.0, "equalize": False}
+
+
+def guard_member(meta: dict) -> int | None:
+    """Which of `parts(meta)` has a frozen trunk that is exactly the guard's extractor (its
+    index), or None."""
+    from pneumoscan import models
+
+    extractor = guard_input(meta)
+    sharing = [models.shares_guard_trunk(a, args, extractor) for a, args in parts(meta)]
+    return sharing.index(True) if any(sharing) else None
 
 
 def shares_guard_trunk(meta: dict) -> bool:
     """Whether the model's own frozen trunk (a member's) is exactly the guard's extractor."""
-    from pneumoscan import models
-
-    blur = guard_blur(meta)
-    return any(models.shares_guard_trunk(a, args, blur) for a, args in parts(meta))
+    return guard_member(meta) is not None
 
 
 def _without_pretraining(architecture: str, args: dict) -> dict:

@@ -14,7 +14,7 @@ from torch import nn
 
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.guard import FROZEN_STAGES, Guard
-from pneumoscan.guard import INPUT_BLUR as GUARD_BLUR
+from pneumoscan.guard import INPUT as GUARD_INPUT
 
 MODEL_NAMES = ("dense", "cnn", "transfer")
 IMAGENET_BASES = ("lite0", "lite1", "lite2")  # EfficientNet-Lite sizes, for `transfer`
@@ -140,11 +140,11 @@ class Mixture(nn.Module):
 
 
 def mixture(
-    members: list[Classifier], specs: list[dict], guard_blur: float = GUARD_BLUR
+    members: list[Classifier], specs: list[dict], guard_input: dict = GUARD_INPUT
 ) -> Mixture:
     """Join networks of different recipes; `specs` holds each one's architecture and model_args.
-    A member whose frozen trunk is the guard's extractor (`guard_blur`) runs it for the guard."""
-    sharing = [shares_guard_trunk(s["architecture"], s["model_args"], guard_blur) for s in specs]
+    A member whose frozen trunk is the guard's extractor (`guard_input`) runs it for the guard."""
+    sharing = [shares_guard_trunk(s["architecture"], s["model_args"], guard_input) for s in specs]
     return Mixture(members, sharing.index(True) if any(sharing) else None)
 
 
@@ -316,9 +316,11 @@ def transfer(
     return Classifier(trunk, head)
 
 
-def imagenet_trunk(stages: int, input_blur: float = 0.0) -> nn.Sequential:
-    """The frozen ImageNet stem and first `stages` stages of EfficientNet-Lite0."""
-    return transfer(0, trainable_blocks=7 - stages, input_blur=input_blur).trunk.eval()
+def imagenet_trunk(stages: int, input_blur: float = 0.0, equalize=False) -> nn.Sequential:
+    """The frozen ImageNet stem and first `stages` stages of EfficientNet-Lite0 (on the input
+    prepared as `Standardize` says)."""
+    net = transfer(0, trainable_blocks=7 - stages, input_blur=input_blur, equalize=equalize)
+    return net.trunk.eval()
 
 
 class Scorer(nn.Module):
@@ -329,15 +331,15 @@ class Scorer(nn.Module):
         network: Classifier | Mixture,
         ood: Guard | None,
         shares_trunk: bool,
-        guard_blur: float = 0.0,
+        guard_input: dict | None = None,
     ):
         super().__init__()
         self.network = network
         self.guard = ood
         # The transfer model's frozen trunk is the guard's feature extractor: run it once.
-        self.guard_trunk = (
-            None if ood is None or shares_trunk else imagenet_trunk(FROZEN_STAGES, guard_blur)
-        )
+        self.guard_trunk = None
+        if ood is not None and not shares_trunk:
+            self.guard_trunk = imagenet_trunk(FROZEN_STAGES, **(guard_input or {}))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.guard is None:
@@ -349,15 +351,22 @@ class Scorer(nn.Module):
         return self.network(x), self.guard(self.guard_trunk(x))
 
 
-def shares_guard_trunk(architecture: str, model_args: dict, guard_blur: float) -> bool:
-    """Whether a model's own frozen trunk is exactly the guard's feature extractor (whose input
-    is low-passed by `guard_blur` px)."""
+def shares_guard_trunk(architecture: str, model_args: dict, guard_input: dict) -> bool:
+    """Whether a model's own frozen trunk is exactly the guard's feature extractor, whose input
+    `guard_input` prepares (its `input_blur` and `equalize`, as in model_args)."""
+
+    def prepared(args: dict) -> tuple:
+        equalize = args.get("equalize", False)
+        return (
+            float(args.get("input_blur", 0.0)),
+            tuple(equalize) if isinstance(equalize, list | tuple) else bool(equalize),
+        )
+
     return (
         architecture == "transfer"
         and model_args.get("base", "lite0") == "lite0"
         and model_args.get("trainable_blocks", 2) == 7 - FROZEN_STAGES
-        and model_args.get("input_blur", 0.0) == guard_blur
-        and not model_args.get("equalize", False)
+        and prepared(model_args) == prepared(guard_input)
     )
 
 
@@ -398,17 +407,17 @@ _FACTORIES = {"dense": dense, "cnn": cnn, "transfer": transfer}
 
 
 def create_model(
-    name: str, image_size: int = 128, members=1, guard_blur: float = GUARD_BLUR, **kwargs
+    name: str, image_size: int = 128, members=1, guard_input: dict = GUARD_INPUT, **kwargs
 ) -> Classifier | Mixture:
     """Build a model by name: `dense`, `cnn` or `transfer`; `members` > 1: that many heads on one
     trunk (`heads_on_one_trunk`).
 
     `mixture` joins models of any of those: `members` lists each one's `architecture` and
-    `model_args`; `guard_blur` says which member's trunk the guard reads (`mixture`).
+    `model_args`; `guard_input` says which member's trunk the guard reads (`mixture`).
     """
     if name == "mixture":
         built = [create_model(m["architecture"], image_size, **m["model_args"]) for m in members]
-        return mixture(built, members, guard_blur)
+        return mixture(built, members, guard_input)
     if name not in _FACTORIES:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
     for key in ("hidden", "channels"):

@@ -35,13 +35,14 @@ def fit_postprocessing(
         raise PneumoscanError(
             f"{data_root}: not the data this model was trained on (fingerprint differs)"
         )
-    guard_spec = {"method": guard.DESCRIPTION, "input_blur": guard.INPUT_BLUR}
-    if model_folder.shares_guard_trunk({**model.meta, "ood": guard_spec}):
-        trunk = model.network.trunk  # a mixture's: that of its member which shares it
+    guard_spec = {"method": guard.DESCRIPTION, **guard.INPUT}
+    member = model_folder.guard_member({**model.meta, "ood": guard_spec})
+    if member is not None:
+        trunk = model.network.members[member].trunk
     else:
         from pneumoscan.models import imagenet_trunk
 
-        trunk = imagenet_trunk(guard.FROZEN_STAGES, guard.INPUT_BLUR)
+        trunk = imagenet_trunk(guard.FROZEN_STAGES, **guard.INPUT)
     trunk = trunk.to(memory_format=torch.channels_last)
     ood, ood_threshold, pass_rate = guard.fit(
         _pooled(trunk, d.images, d.train_idx, cfg.batch_size),
