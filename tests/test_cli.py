@@ -55,14 +55,14 @@ def test_user_mistakes_give_one_line_and_non_zero_exit(
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("model", "min_auc", "min_sensitivity", "min_specificity"),
-    # Floors just below what each measured at `detection` (docs/experiments.md, section 29; its
-    # threshold, fitted on validation under the shift views, now trades specificity for
-    # sensitivity): the default ensemble AUC 0.983, sensitivity 388/390, specificity 167/234;
-    # cnn (3 seeds) 0.977, 389/390, 155/234; transfer 0.975, 384/390, 165/234.
+    # Floors just below what each measured at `detection` (docs/experiments.md, sections 29 and
+    # 32; its threshold, fitted on validation under the shift views, trades specificity for
+    # sensitivity): the default ensemble AUC 0.983, sensitivity 388/390, specificity 170/234;
+    # cnn (3 seeds) 0.977, 389/390, 155/234; transfer 0.976, 384/390, 157/234.
     [
-        ("ensemble", 0.980, 0.99, 0.69),
+        ("ensemble", 0.980, 0.99, 0.70),
         ("cnn", 0.972, 0.99, 0.64),
-        ("transfer", 0.970, 0.98, 0.68),
+        ("transfer", 0.970, 0.98, 0.65),
     ],
 )
 def test_bundled_model_regression_guard(

@@ -133,6 +133,29 @@ def test_equalisation_with_merged_ends_is_blind_to_what_an_exposure_clips_there(
         assert model(torch.rand(2, 1, 128, 128)).shape == (2,)
 
 
+def test_equalising_before_the_low_pass_keeps_the_input_blind_to_a_curve_of_levels() -> None:
+    """A low-pass does not commute with a gamma-like curve, so blurring first lets such a curve
+    through; equalising first (`equalize_first`), then blurring, does not."""
+    from pneumoscan.models import Standardize
+
+    torch.manual_seed(0)
+    levels = torch.randint(0, 128, (2, 1, 64, 64))
+    curve = (torch.arange(128.0) / 127) ** 0.5 * 200 + torch.arange(128.0) * 0.4
+    remapped = curve.round()[levels]  # strictly increasing: no two levels merged
+    first = Standardize((0.5,), (0.25,), 1.0, (0.25, 0.15), equalize_first=True)
+    after = Standardize((0.5,), (0.25,), 1.0, (0.25, 0.15))
+    assert torch.allclose(first(levels / 255.0), first(remapped / 255.0), atol=1e-6)
+    assert (after(levels / 255.0) - after(remapped / 255.0)).abs().max() > 0.01
+    # The same low-pass either way: a flat image stays flat, pixel noise is damped.
+    noise = torch.rand(1, 1, 64, 64)
+    assert first(noise).std() < Standardize((0.5,), (0.25,), 0.0, (0.25, 0.15))(noise).std()
+    model = create_model(
+        "transfer", pretrained=False, input_blur=1.0, equalize=[0.25, 0.15], equalize_first=True
+    ).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(levels / 255.0), model(remapped / 255.0), atol=1e-4)
+
+
 def test_zoom_views_average_the_logits_of_zoomed_images_when_scoring() -> None:
     from pneumoscan.models import ZoomViews
 

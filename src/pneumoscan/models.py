@@ -192,10 +192,12 @@ def equalize(x: torch.Tensor, dark: float = 0.0, bright: float = 0.0) -> torch.T
 class Standardize(nn.Module):
     """Map [0, 1] greyscale to the input statistics a network expects.
 
-    `blur` (a Gaussian's sigma in pixels) low-passes the image first: a decision should not
-    hang on pixel-level noise, which differs between scanners, encoders and resamplings.
-    `equalize` then flattens each image's histogram (see `equalize`); a pair (dark, bright)
-    also merges those shares at either end.
+    `blur` (a Gaussian's sigma in pixels) low-passes the image: a decision should not hang on
+    pixel-level noise, which differs between scanners, encoders and resamplings. `equalize`
+    flattens each image's histogram (see `equalize`); a pair (dark, bright) also merges those
+    shares at either end. The low-pass comes first unless `equalize_first`: equalised first,
+    the input is blind to any increasing change of grey levels, since a low-pass does not
+    commute with a gamma (docs/experiments.md, section 32).
     """
 
     def __init__(
@@ -204,9 +206,11 @@ class Standardize(nn.Module):
         std: tuple[float, ...],
         blur: float = 0.0,
         equalize: bool | tuple[float, float] = False,
+        equalize_first: bool = False,
     ):
         super().__init__()
         self.equalize = tuple(equalize) if isinstance(equalize, list | tuple) else equalize
+        self.equalize_first = equalize_first
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         radius = max(1, round(2 * blur))
@@ -215,13 +219,23 @@ class Standardize(nn.Module):
         self.blur = blur
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.equalize_first:
+            x = self._low_pass(self._equalize(x))
+        else:
+            x = self._equalize(self._low_pass(x))
+        return (x.expand(-1, self.mean.shape[1], -1, -1) - self.mean) / self.std
+
+    def _low_pass(self, x: torch.Tensor) -> torch.Tensor:
         if self.blur > 0:
             pad = self.taps.shape[-1] // 2
             x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="replicate"), self.taps)
             x = F.conv2d(F.pad(x, (0, 0, pad, pad), mode="replicate"), self.taps.transpose(2, 3))
-        if self.equalize:
-            x = equalize(x, *self.equalize) if isinstance(self.equalize, tuple) else equalize(x)
-        return (x.expand(-1, self.mean.shape[1], -1, -1) - self.mean) / self.std
+        return x
+
+    def _equalize(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.equalize:
+            return x
+        return equalize(x, *self.equalize) if isinstance(self.equalize, tuple) else equalize(x)
 
 
 def dense(
@@ -230,9 +244,11 @@ def dense(
     dropout: float = 0.3,
     input_blur: float = 0.0,
     equalize: bool | tuple[float, float] = False,
+    equalize_first: bool = False,
 ) -> Classifier:
     """A fully connected network on the flattened pixels."""
-    layers: list[nn.Module] = [Standardize((0.5,), (0.25,), input_blur, equalize), nn.Flatten()]
+    standardize = Standardize((0.5,), (0.25,), input_blur, equalize, equalize_first)
+    layers: list[nn.Module] = [standardize, nn.Flatten()]
     width = image_size * image_size
     for h in hidden:
         layers += [
@@ -252,6 +268,7 @@ def cnn(
     dropout: float = 0.3,
     input_blur: float = 0.0,
     equalize: bool | tuple[float, float] = False,
+    equalize_first: bool = False,
     zoom_views: list[float] | None = None,
 ) -> Classifier:
     """A small VGG-style network trained from scratch, sized for a CPU.
@@ -259,7 +276,7 @@ def cnn(
     `zoom_views` (e.g. [1.06]): score each image as the mean over it and its views zoomed in
     and out by each factor (`ZoomViews`).
     """
-    layers: list[nn.Module] = [Standardize((0.5,), (0.25,), input_blur, equalize)]
+    layers: list[nn.Module] = [Standardize((0.5,), (0.25,), input_blur, equalize, equalize_first)]
     previous = 1
     for c in channels:
         layers += [
@@ -281,6 +298,7 @@ def transfer(
     pretrained: bool = True,
     input_blur: float = 0.0,
     equalize: bool | tuple[float, float] = False,
+    equalize_first: bool = False,
     base: str = "lite0",
 ) -> Classifier:
     """EfficientNet-Lite (`base`: lite0, lite1, lite2) with ImageNet weights; only the top
@@ -297,7 +315,7 @@ def transfer(
         load_imagenet_weights(net, base)
     split = len(net.blocks) - trainable_blocks
     trunk = nn.Sequential(
-        Standardize(IMAGENET_MEAN, IMAGENET_STD, input_blur, equalize),
+        Standardize(IMAGENET_MEAN, IMAGENET_STD, input_blur, equalize, equalize_first),
         net.conv_stem,
         net.bn1,
         *net.blocks[:split],
@@ -360,6 +378,7 @@ def shares_guard_trunk(architecture: str, model_args: dict, guard_input: dict) -
         return (
             float(args.get("input_blur", 0.0)),
             tuple(equalize) if isinstance(equalize, list | tuple) else bool(equalize),
+            bool(equalize) and bool(args.get("equalize_first", False)),
         )
 
     return (
