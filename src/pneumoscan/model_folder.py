@@ -182,10 +182,10 @@ def save(
 
     dtype = dtype or torch.float32
     folder.mkdir(parents=True, exist_ok=True)
-    if meta.pop(INT8_KEY, None):  # quantized from the graph this save replaces: stale now
+    if INT8_KEY in meta:  # quantized from the graph this save replaces: stale now
         (folder / INT8_FILE).unlink(missing_ok=True)
     meta = {
-        **meta,
+        **{k: v for k, v in meta.items() if k != INT8_KEY},
         "format_version": FORMAT_VERSION,
         "preprocessing": preprocess.record(int(meta["input_size"])),
         "weights": {
@@ -322,9 +322,7 @@ def guard_member(meta: dict) -> int | None:
     index), or None."""
     from pneumoscan import models
 
-    extractor = guard_input(meta)
-    sharing = [models.shares_guard_trunk(a, args, extractor) for a, args in parts(meta)]
-    return sharing.index(True) if any(sharing) else None
+    return models.guard_member(parts(meta), guard_input(meta))
 
 
 def shares_guard_trunk(meta: dict) -> bool:

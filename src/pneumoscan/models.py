@@ -144,8 +144,8 @@ def mixture(
 ) -> Mixture:
     """Join networks of different recipes; `specs` holds each one's architecture and model_args.
     A member whose frozen trunk is the guard's extractor (`guard_input`) runs it for the guard."""
-    sharing = [shares_guard_trunk(s["architecture"], s["model_args"], guard_input) for s in specs]
-    return Mixture(members, sharing.index(True) if any(sharing) else None)
+    parts = [(s["architecture"], s["model_args"]) for s in specs]
+    return Mixture(members, guard_member(parts, guard_input))
 
 
 def share_trunk(members: list[Classifier]) -> bool:
@@ -334,11 +334,10 @@ def transfer(
     return Classifier(trunk, head)
 
 
-def imagenet_trunk(stages: int, input_blur: float = 0.0, equalize=False) -> nn.Sequential:
-    """The frozen ImageNet stem and first `stages` stages of EfficientNet-Lite0 (on the input
-    prepared as `Standardize` says)."""
-    net = transfer(0, trainable_blocks=7 - stages, input_blur=input_blur, equalize=equalize)
-    return net.trunk.eval()
+def imagenet_trunk(stages: int, **prepare) -> nn.Sequential:
+    """The frozen ImageNet stem and first `stages` stages of EfficientNet-Lite0, on the input
+    `prepare` says (`transfer`'s input_blur, equalize, equalize_first)."""
+    return transfer(0, trainable_blocks=7 - stages, **prepare).trunk.eval()
 
 
 class Scorer(nn.Module):
@@ -387,6 +386,13 @@ def shares_guard_trunk(architecture: str, model_args: dict, guard_input: dict) -
         and model_args.get("trainable_blocks", 2) == 7 - FROZEN_STAGES
         and prepared(model_args) == prepared(guard_input)
     )
+
+
+def guard_member(parts: list[tuple[str, dict]], guard_input: dict) -> int | None:
+    """Which of the (architecture, model_args) `parts` has a frozen trunk that is exactly the
+    guard's extractor (its index), or None."""
+    sharing = [shares_guard_trunk(a, args, guard_input) for a, args in parts]
+    return sharing.index(True) if any(sharing) else None
 
 
 def load_imagenet_weights(base: nn.Module, name: str = "lite0") -> None:
