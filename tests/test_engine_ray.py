@@ -25,6 +25,7 @@ ray = pytest.importorskip("ray")
 def cluster() -> str:
     """A local Ray with 2 CPUs and a small object store; its address, for other processes."""
     ray.init(
+        address="local",
         num_cpus=2,
         _node_ip_address="127.0.0.1",
         object_store_memory=200 * 2**20,

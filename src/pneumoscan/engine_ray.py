@@ -27,7 +27,10 @@ from pneumoscan import predict as screening
 from pneumoscan.errors import PneumoscanError
 
 BATCH_SIZE = 32  # the plain command's batch: the same graph runs on the same batches
-BLOCK_ROWS = 2 * BATCH_SIZE  # files per decoding task
+BLOCK_ROWS = 2 * BATCH_SIZE  # files per block the listing yields
+LISTING_BLOCK_BYTES = (
+    8 * 1024
+)  # Ray Data's block size: some 60 file names, or two batches of results
 ROWS_PER_PART = 10_000  # parquet: rows per part file, each written whole (a kill loses at most one)
 
 
@@ -166,15 +169,26 @@ def open_output(csv_file: Path | None, parquet: Path | None, resume: bool, force
 # ---- the Ray side: tasks list and decode, actors score ----------------------------------------
 
 
-def _list(row: dict, done: frozenset[str]) -> list[dict]:
-    """The files under one given path, as `predict` lists them, less those already written."""
-    given, absolute = Path(row["given"]), Path(row["absolute"])
-    out = []
-    for path in screening.expand_paths([absolute]):
-        shown = str(given / path.relative_to(absolute)) if absolute.is_dir() else str(given)
-        if shown not in done:
-            out.append({"file": shown, "path": str(path)})
-    return out
+def _list(batch: dict[str, np.ndarray], done: frozenset[str]) -> Iterator[dict[str, np.ndarray]]:
+    """The files under the given paths, as `predict` lists them, less those already written;
+    yielded a block at a time, so a folder of millions never sits in one list."""
+    rows: list[tuple[str, str]] = []
+    for given, absolute in zip(batch["given"], batch["absolute"], strict=True):
+        given, absolute = Path(given), Path(absolute)
+        for path in screening.expand_paths([absolute]):
+            shown = str(given / path.relative_to(absolute)) if absolute.is_dir() else str(given)
+            if shown not in done:
+                rows.append((shown, str(path)))
+            if len(rows) == BLOCK_ROWS:
+                yield _file_rows(rows)
+                rows = []
+    if rows:
+        yield _file_rows(rows)
+
+
+def _file_rows(rows: list[tuple[str, str]]) -> dict[str, np.ndarray]:
+    files, paths = zip(*rows, strict=True)
+    return {"file": np.array(files, dtype=object), "path": np.array(paths, dtype=object)}
 
 
 def _decode(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
@@ -249,8 +263,14 @@ def connect(address: str | None) -> bool:
         return False
     try:
         if address is None:
-            # A local Ray on loopback: nothing of it listens beyond this machine.
-            ray.init(num_cpus=os.cpu_count() or 1, _node_ip_address="127.0.0.1", **quiet)
+            # A local Ray of its own on loopback: nothing of it listens beyond this machine, and
+            # a cluster `ray start` left on this machine (or its stale address file) is not joined.
+            ray.init(
+                address="local",
+                num_cpus=os.cpu_count() or 1,
+                _node_ip_address="127.0.0.1",
+                **quiet,
+            )
         else:
             ray.init(address=address, **quiet)
     except Exception as exc:  # Ray raises ConnectionError, ValueError, RuntimeError, ...
@@ -345,11 +365,15 @@ def _stream(
     gpus = int(ray.cluster_resources().get("GPU", 0))
     actors = gpus or cpus  # up to one per core; Ray fuses decoding into the scoring actor
     items = [{"given": str(r), "absolute": str(r.resolve())} for r in roots]
-    # Listing walks folders (I/O, no core of its own), so a scoring actor per core never starves it.
-    listed = ray.data.from_items(items).flat_map(_list, fn_args=(frozenset(done),), num_cpus=0)
-    # A folder lists as one block: cut it into small ones, so that decoding spreads over the
-    # cores and results come back (and are written) a few batches at a time.
-    listed = listed.repartition(target_num_rows_per_block=BLOCK_ROWS)
+    # Listing walks folders (I/O, no core of its own), so a scoring actor per core never starves
+    # it. Its rows leave in small blocks (a few dozen file names each), so that decoding spreads
+    # over the actors and results come back, and are written, a few batches at a time. The block
+    # size is set here rather than by a repartition, which would ask a whole core of its own: a
+    # 1-CPU node whose scoring actor holds half would never free one, and the run would stall.
+    context.target_max_block_size = LISTING_BLOCK_BYTES
+    listed = ray.data.from_items(items).map_batches(
+        _list, batch_size=None, fn_args=(frozenset(done),), num_cpus=0
+    )
     decoded = listed.map_batches(
         _decode, batch_size=BATCH_SIZE, fn_kwargs={"size": size}, num_cpus=0.5
     )
