@@ -301,20 +301,25 @@ def parts(meta: dict) -> list[tuple[str, dict]]:
 
 
 def guard_input(meta: dict) -> dict:
-    """How the guard's feature extractor prepares its input (`input_blur`, `equalize`), as
-    model.json's `ood` section says. A folder fitted before it said read the trunk of its
-    unequalised transfer member, if it had one (with that member's blur), or a plain one; one
-    fitted before `ood.equalize` read an unequalised input."""
+    """How the guard's feature extractor prepares its input (`input_blur`, `equalize`,
+    `downsample`), as model.json's `ood` section says. A folder fitted before it said read the
+    trunk of its unequalised transfer member, if it had one (with that member's blur), or a
+    plain one; one fitted before `ood.equalize` (or `ood.downsample`) read an unequalised input
+    (at full size)."""
     ood = meta.get("ood", {})
     if "input_blur" in ood:
-        return {"input_blur": float(ood["input_blur"]), "equalize": ood.get("equalize", False)}
+        return {
+            "input_blur": float(ood["input_blur"]),
+            "equalize": ood.get("equalize", False),
+            "downsample": int(ood.get("downsample", 1)),
+        }
     from pneumoscan import models
 
     for architecture, args in parts(meta):
-        own = {"input_blur": float(args.get("input_blur", 0.0)), "equalize": False}
+        own = {"input_blur": float(args.get("input_blur", 0.0)), "equalize": False, "downsample": 1}
         if models.shares_guard_trunk(architecture, args, own):
             return own
-    return {"input_blur": 0.0, "equalize": False}
+    return {"input_blur": 0.0, "equalize": False, "downsample": 1}
 
 
 def guard_member(meta: dict) -> int | None:
