@@ -45,18 +45,12 @@ def test_an_ensemble_of_seeds_scores_the_mean_of_its_members(
 
 @pytest.mark.slow
 def test_a_mixture_of_families_scores_the_mean_and_shares_the_guard_trunk(
-    tiny_models: dict[str, Path],
-    small_data: Path,
-    tmp_path: Path,
-    xray_files: list[Path],
-    monkeypatch: pytest.MonkeyPatch,
+    tiny_models: dict[str, Path], small_data: Path, tmp_path: Path, xray_files: list[Path]
 ) -> None:
-    from pneumoscan import explain, guard, reader, runtime
+    from pneumoscan import explain, reader, runtime
 
     # A transfer trunk the guard can read: blurred as the guard's, not equalised (the bundled
-    # recipe equalises since docs/experiments.md section 29, and then the guard runs its own),
-    # and a guard at full size, as folders fitted before section 35 have.
-    monkeypatch.setitem(guard.INPUT, "downsample", 1)
+    # recipe equalises since docs/experiments.md section 29, and then the guard runs its own).
     plain = quick("transfer", max_steps=6)
     plain.model_args = {**plain.model_args, "equalize": False, "input_blur": 1.0}
     train.train(plain, small_data, tmp_path / "transfer", "cpu", log=silent, progress=False)

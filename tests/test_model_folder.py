@@ -103,9 +103,8 @@ def test_bundled_models_ship_within_size_budget(name: str) -> None:
 def test_the_guard_reads_the_extractor_model_json_names_or_the_one_an_older_folder_used() -> None:
     """New folders record how the guard prepares its input; one fitted before read its
     unequalised transfer member's trunk (with that member's blur) or a plain one, and one fitted
-    before `equalize` (or `downsample`) was recorded read an unequalised input at full size:
-    each keeps reading the same."""
-    plain = {"input_blur": 0.0, "equalize": False, "downsample": 1}
+    before `equalize` was recorded read an unequalised input: each keeps reading the same."""
+    plain = {"input_blur": 0.0, "equalize": False}
     cnn = {"architecture": "cnn", "model_args": {}}
     transfer = {"architecture": "transfer", "model_args": {"input_blur": 1.0}}
     equalised = {
@@ -126,6 +125,3 @@ def test_the_guard_reads_the_extractor_model_json_names_or_the_one_an_older_fold
     now = {"ood": {"input_blur": 1.0, "equalize": [0.25, 0.15]}}
     assert model_folder.shares_guard_trunk({**equalised, **now})
     assert not model_folder.shares_guard_trunk({**transfer, **now})
-    halved = {"ood": {"input_blur": 1.0, "equalize": False, "downsample": 2}}
-    assert model_folder.guard_input({**transfer, **halved}) == {**plain, **halved["ood"]}
-    assert not model_folder.shares_guard_trunk({**transfer, **halved})  # its own, smaller pass

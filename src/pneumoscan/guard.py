@@ -19,15 +19,13 @@ FROZEN_STAGES = 5  # stem + the first five stages of EfficientNet-Lite0 (112 cha
 # How the guard's stages prepare their input, in model_args' terms (models.Standardize). The
 # 1-px low-pass tells a packaged MRI slice from a shifted chest X-ray (docs/experiments.md,
 # section 28). Equalised like the `transfer` trunk, it would bring photographs close to the adult
-# films (section 30), so the equalised trunk is not the guard's. `downsample`: each 2x2 block
-# averaged after the low-pass, so the stages run on a 64-px image (section 35).
-INPUT = {"input_blur": 1.0, "equalize": False, "downsample": 2}
+# films (section 30), so the equalised trunk is not the guard's.
+INPUT = {"input_blur": 1.0, "equalize": False}
 FEATURES = 2 * 112
 PASS_QUANTILE = 0.995  # of validation X-rays under the threshold (the target is >= 0.99)
 DESCRIPTION = (
     "Mahalanobis distance (Ledoit-Wolf) of mean+std pooled EfficientNet-Lite0 ImageNet features "
-    f"(stem + {FROZEN_STAGES} stages, input blur {INPUT['input_blur']} px, averaged "
-    f"{INPUT['downsample']}x{INPUT['downsample']}), fit on the training "
+    f"(stem + {FROZEN_STAGES} stages, input blur {INPUT['input_blur']} px), fit on the training "
     "X-rays"
 )
 

@@ -301,25 +301,20 @@ def parts(meta: dict) -> list[tuple[str, dict]]:
 
 
 def guard_input(meta: dict) -> dict:
-    """How the guard's feature extractor prepares its input (`input_blur`, `equalize`,
-    `downsample`), as model.json's `ood` section says. A folder fitted before it said read the
-    trunk of its unequalised transfer member, if it had one (with that member's blur), or a
-    plain one; one fitted before `ood.equalize` (or `ood.downsample`) read an unequalised input
-    (at full size)."""
+    """How the guard's feature extractor prepares its input (`input_blur`, `equalize`), as
+    model.json's `ood` section says. A folder fitted before it said read the trunk of its
+    unequalised transfer member, if it had one (with that member's blur), or a plain one; one
+    fitted before `ood.equalize` read an unequalised input."""
     ood = meta.get("ood", {})
     if "input_blur" in ood:
-        return {
-            "input_blur": float(ood["input_blur"]),
-            "equalize": ood.get("equalize", False),
-            "downsample": int(ood.get("downsample", 1)),
-        }
+        return {"input_blur": float(ood["input_blur"]), "equalize": ood.get("equalize", False)}
     from pneumoscan import models
 
     for architecture, args in parts(meta):
-        own = {"input_blur": float(args.get("input_blur", 0.0)), "equalize": False, "downsample": 1}
+        own = {"input_blur": float(args.get("input_blur", 0.0)), "equalize": False}
         if models.shares_guard_trunk(architecture, args, own):
             return own
-    return {"input_blur": 0.0, "equalize": False, "downsample": 1}
+    return {"input_blur": 0.0, "equalize": False}
 
 
 def guard_member(meta: dict) -> int | None:

@@ -334,14 +334,10 @@ def transfer(
     return Classifier(trunk, head)
 
 
-def imagenet_trunk(stages: int, downsample: int = 1, **prepare) -> nn.Sequential:
+def imagenet_trunk(stages: int, **prepare) -> nn.Sequential:
     """The frozen ImageNet stem and first `stages` stages of EfficientNet-Lite0, on the input
-    `prepare` says (`transfer`'s input_blur, equalize, equalize_first), each `downsample` x
-    `downsample` block of it averaged first (the guard's stages at a fraction of the cost)."""
-    trunk = transfer(0, trainable_blocks=7 - stages, **prepare).trunk.eval()
-    if downsample > 1:
-        trunk = nn.Sequential(trunk[0], nn.AvgPool2d(downsample), *trunk[1:]).eval()
-    return trunk
+    `prepare` says (`transfer`'s input_blur, equalize, equalize_first)."""
+    return transfer(0, trainable_blocks=7 - stages, **prepare).trunk.eval()
 
 
 class Scorer(nn.Module):
@@ -374,7 +370,7 @@ class Scorer(nn.Module):
 
 def shares_guard_trunk(architecture: str, model_args: dict, guard_input: dict) -> bool:
     """Whether a model's own frozen trunk is exactly the guard's feature extractor, whose input
-    `guard_input` prepares (its `input_blur`, `equalize` and `downsample`, as in model_args)."""
+    `guard_input` prepares (its `input_blur` and `equalize`, as in model_args)."""
 
     def prepared(args: dict) -> tuple:
         equalize = args.get("equalize", False)
@@ -382,7 +378,6 @@ def shares_guard_trunk(architecture: str, model_args: dict, guard_input: dict) -
             float(args.get("input_blur", 0.0)),
             tuple(equalize) if isinstance(equalize, list | tuple) else bool(equalize),
             bool(equalize) and bool(args.get("equalize_first", False)),
-            int(args.get("downsample", 1)),
         )
 
     return (
