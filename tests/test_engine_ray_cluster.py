@@ -3,9 +3,8 @@ starts one: a single node of 1 CPU (which used to stall: its scoring actor held 
 that Ray Data's repartition asked whole), then the same cluster with a second 1-CPU node
 joined. Both give the plain command's CSV, row for row.
 
-Runs after test_engine_ray.py (its in-process Ray is down by then). Each node is a
-`ray start --block` in a session of its own, killed with its whole process group at the end,
-so no other Ray on the machine is touched."""
+Each node is a `ray start --block` in a session of its own, killed with its whole process
+group at the end, so no other Ray on the machine is touched."""
 
 from __future__ import annotations
 

@@ -27,10 +27,9 @@ from pneumoscan import predict as screening
 from pneumoscan.errors import PneumoscanError
 
 BATCH_SIZE = 32  # the plain command's batch: the same graph runs on the same batches
-BLOCK_ROWS = 2 * BATCH_SIZE  # files per block the listing yields
-LISTING_BLOCK_BYTES = (
-    8 * 1024
-)  # Ray Data's block size: some 60 file names, or two batches of results
+BLOCK_ROWS = 2 * BATCH_SIZE  # files the listing hands on at a time
+# Ray Data's largest block: some 60 file names, or two batches of results (see _stream).
+BLOCK_BYTES = 8 * 1024
 ROWS_PER_PART = 10_000  # parquet: rows per part file, each written whole (a kill loses at most one)
 
 
@@ -171,7 +170,7 @@ def open_output(csv_file: Path | None, parquet: Path | None, resume: bool, force
 
 def _list(batch: dict[str, np.ndarray], done: frozenset[str]) -> Iterator[dict[str, np.ndarray]]:
     """The files under the given paths, as `predict` lists them, less those already written;
-    yielded a block at a time, so a folder of millions never sits in one list."""
+    handed on BLOCK_ROWS at a time, so a folder of millions never sits in one list."""
     rows: list[tuple[str, str]] = []
     for given, absolute in zip(batch["given"], batch["absolute"], strict=True):
         given, absolute = Path(given), Path(absolute)
@@ -370,7 +369,7 @@ def _stream(
     # over the actors and results come back, and are written, a few batches at a time. The block
     # size is set here rather than by a repartition, which would ask a whole core of its own: a
     # 1-CPU node whose scoring actor holds half would never free one, and the run would stall.
-    context.target_max_block_size = LISTING_BLOCK_BYTES
+    context.target_max_block_size = BLOCK_BYTES
     listed = ray.data.from_items(items).map_batches(
         _list, batch_size=None, fn_args=(frozenset(done),), num_cpus=0
     )
