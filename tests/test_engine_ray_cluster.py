@@ -10,24 +10,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
+from helpers import free_port, run_cli, wait_for
 
 pytest.importorskip("ray")
 RAY = Path(sys.executable).parent / "ray"
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _alive_nodes(address: str) -> int:
@@ -64,15 +57,12 @@ def _stop(node: subprocess.Popen) -> None:
 
 
 def _wait_for(address: str, nodes: int) -> None:
-    deadline = time.monotonic() + 120
-    while _alive_nodes(address) < nodes:
-        assert time.monotonic() < deadline, f"the cluster at {address} has not {nodes} nodes"
-        time.sleep(2)
+    wait_for(lambda: _alive_nodes(address) >= nodes, 120, f"{nodes} live nodes at {address}")
 
 
 @pytest.fixture(scope="module")
 def head() -> str:
-    port = _free_port()
+    port = free_port()
     node = _start(["--head", f"--port={port}", "--include-dashboard=false"])
     try:
         address = f"127.0.0.1:{port}"
@@ -116,8 +106,8 @@ def test_one_node_of_one_cpu_then_two_nodes_give_the_plain_rows(
     second = _start(
         [
             f"--address={head}",
-            f"--node-manager-port={_free_port()}",
-            f"--object-manager-port={_free_port()}",
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
         ]
     )
     try:
