@@ -267,13 +267,20 @@ def test_memory_stays_flat_over_many_files(
     assert sum(1 for _ in stream) == 199
 
 
-def test_tiff_scores_as_png_does_in_8_and_16_bits(xray_files: list[Path], tmp_path: Path) -> None:
-    """Film digitisers write TIFF; 16-bit values v * 257 come back as v exactly."""
+def test_tiff_scores_as_png_does_in_8_12_and_16_bits(
+    xray_files: list[Path], tmp_path: Path
+) -> None:
+    """Film digitisers write TIFF, and 16-bit files often hold 12 bits (0-4095): each comes
+    back as the 8-bit film exactly, so scores the same, and none is taken for a blank frame."""
     grey = np.asarray(Image.open(xray_files[4]).convert("L"))
+    wide = grey.astype(np.uint16)
     Image.fromarray(grey).save(tmp_path / "film.png")
     Image.fromarray(grey).save(tmp_path / "film8.tif")
-    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "film16.tiff")
+    Image.fromarray(wide * 257).save(tmp_path / "film16.tiff")
+    Image.fromarray(wide * 16).save(tmp_path / "film12.tif")
+    Image.fromarray(wide * 16 + wide // 16).save(tmp_path / "scan12.png")
     files = predict.expand_paths([tmp_path])
-    assert sorted(p.suffix for p in files) == [".png", ".tif", ".tiff"]
+    assert sorted(p.suffix for p in files) == [".png", ".png", ".tif", ".tif", ".tiff"]
     results = list(predict.predict(runtime.load("ensemble"), files))
-    assert all(r.error is None for r in results) and len({r.probability for r in results}) == 1
+    assert all(r.error is None and r.domain == "in_domain" for r in results)
+    assert len({r.probability for r in results}) == 1

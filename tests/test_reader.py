@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, TiffImagePlugin
 
 from pneumoscan import reader
 from pneumoscan.errors import ImageReadError
@@ -58,10 +58,70 @@ def test_every_format_gives_the_same_greyscale(
     assert np.abs(image.astype(int) - grey).mean() <= tolerance + 0.5
 
 
-def test_twelve_bit_png_is_scaled_by_full_range() -> None:
+def test_full_range_sixteen_bit_png_spans_all_levels() -> None:
     values = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
     image = reader.read_image(_encode(Image.fromarray(values), "PNG"))
     assert image.min() == 0 and image.max() == 255
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+@pytest.mark.parametrize(
+    ("name", "widen"),
+    [
+        ("10-bit, shifted", lambda v: v * 4),
+        ("12-bit, shifted", lambda v: v * 16),
+        ("12-bit, bits repeated", lambda v: v * 16 + v // 16),
+        ("14-bit, shifted", lambda v: v * 64),
+        ("16-bit, shifted", lambda v: v * 256),
+        ("16-bit, bits repeated", lambda v: v * 257),
+    ],
+)
+def test_sixteen_bit_files_holding_fewer_bits_come_back_exactly(
+    grey: np.ndarray, fmt: str, name: str, widen
+) -> None:
+    """A detector's 10-14 bits in a 16-bit PNG or TIFF: scaled by what the file holds, not by
+    the container's 65535 (which gave a 12-bit film back nearly black, in 16 grey levels)."""
+    data = _encode(Image.fromarray(widen(grey.astype(np.uint16))), fmt)
+    assert np.array_equal(reader.read_image(data, name=name), grey)
+
+
+def _png_with_chunk(png: bytes, kind: bytes, body: bytes) -> bytes:
+    """Insert a chunk right after IHDR (8-byte signature + 25-byte IHDR chunk)."""
+    chunk = struct.pack(">I", len(body)) + kind + body
+    chunk += struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    return png[:33] + chunk + png[33:]
+
+
+def test_a_png_declaring_its_significant_bits_is_scaled_by_them(grey: np.ndarray) -> None:
+    """sBIT 14 says white is 16383, though this (dark) film reaches only 1020."""
+    png = _encode(Image.fromarray(grey.astype(np.uint16) * 4), "PNG")
+    assert np.array_equal(reader.read_image(png), grey)  # undeclared: 10 bits, from its pixels
+    declared = reader.read_image(_png_with_chunk(png, b"sBIT", bytes([14])))
+    assert np.array_equal(declared, grey // 16)
+    # A declaration its pixels break (sBIT 8, values up to 1020) is not believed.
+    assert np.array_equal(reader.read_image(_png_with_chunk(png, b"sBIT", bytes([8]))), grey)
+
+
+def test_a_tiff_declaring_its_largest_value_is_scaled_by_it(grey: np.ndarray) -> None:
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[281] = 16383  # MaxSampleValue
+    tiff = _encode(Image.fromarray(grey.astype(np.uint16) * 4), "TIFF", tiffinfo=tags)
+    assert np.array_equal(reader.read_image(tiff), grey // 16)
+
+
+@pytest.mark.parametrize(("orientation", "stored"), [(3, 2), (6, 1), (8, 3)])
+def test_exif_orientation_turns_the_image_upright(
+    grey: np.ndarray, orientation: int, stored: int
+) -> None:
+    """A phone's photograph of a film is stored turned, with the turn in its EXIF tag."""
+    upright = grey[:, 40:]  # not square, so a wrong turn changes the shape
+    turned = Image.fromarray(np.rot90(upright, stored).copy())
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    for fmt, options in (("PNG", {}), ("JPEG", {"quality": 100})):
+        image = reader.read_image(_encode(turned, fmt, exif=exif, **options))
+        assert image.shape == upright.shape
+        assert np.abs(image.astype(int) - upright).mean() < 1.5, fmt
 
 
 def test_resize_squashes_whole_frame() -> None:

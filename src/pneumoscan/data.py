@@ -160,7 +160,7 @@ def load_images(split: Split, size: int, workers: int | None = None) -> tuple[np
 
     Unreadable files are named in a warning and dropped: the returned Split lists the kept ones.
     """
-    key = f"{_cache_key(split.files)}-{size}-r{reader.VERSION}"
+    key = f"{_cache_key(split.files)}-{size}-r{reader.CACHE_VERSION}"
     directory = cache_dir()
     array_path, meta_path = directory / f"{key}.npy", directory / f"{key}.json"
     if array_path.exists() and meta_path.exists():

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pneumoscan.errors import ImageReadError
 
@@ -30,7 +30,12 @@ MAX_PIXELS = 50_000_000  # ~7000x7000: larger than any radiograph, smaller than 
 MIN_SIDE = 16
 MAX_JPEG_SCANS = 100  # encoders write about 10; each scan re-decodes the whole image
 MAX_INFLATED = 4 * MAX_PIXELS  # bytes: a deflated DICOM of 16-bit grey or 8-bit RGB at the limit
-VERSION = 1  # bump when read_image or resize changes the pixels: it keys the decode cache
+# What a model records (preprocess.py): bump when the pixels of an 8-bit image change, as
+# every training image is; a model folder then refuses a reader that cannot reproduce it.
+VERSION = 1
+# Keys the decode cache (data.py): bump when any file's pixels change. 2: 16-bit PNG and
+# TIFF scaled by the bits they hold, EXIF orientation applied.
+CACHE_VERSION = 2
 DATASET_SIDE = 224  # every training image is 224x224 (the originals squashed with Lanczos)
 _UNSUPPORTED = "not a supported image (use JPEG, PNG, TIFF or DICOM)"
 # pydicom's warnings can quote patient data: DICOM is parsed with them off, one file at a time.
@@ -39,7 +44,7 @@ _BROKEN_DICOM = "broken or truncated DICOM file; export it again from the PACS o
 
 
 def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
-    """Read a JPEG, PNG (8/16-bit, grey, RGB, palette, alpha) or DICOM into a 2-D uint8 array."""
+    """Read a JPEG, PNG or TIFF (8/16-bit, grey, RGB, palette, alpha) or DICOM into 2-D uint8."""
     label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     try:
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
@@ -75,7 +80,7 @@ def _decode_pil(data: bytes, label: str) -> np.ndarray:
         if img.format in ("JPEG", "MPO"):
             _check_jpeg_scans(data, label)
         img.load()
-        return to_grey_uint8(img)
+        return to_grey_uint8(_upright(img), data)
     except ImageReadError:
         raise
     except Image.DecompressionBombError:
@@ -341,14 +346,25 @@ def _check_jpeg_scans(data: bytes, label: str) -> None:
         )
 
 
-def to_grey_uint8(img: Image.Image) -> np.ndarray:
-    """Convert any PIL mode to 8-bit greyscale, scaling high bit depths by their full range."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        arr = np.asarray(img, dtype=np.uint16).astype(np.float32)
-        return _scale(arr, 65535.0)
-    if img.mode == "I":
-        arr = np.asarray(img, dtype=np.int64).astype(np.float32)
-        return _scale(arr, 65535.0 if arr.max() > 255 else 255.0)
+def _upright(img: Image.Image) -> Image.Image:
+    """Turn the image as its EXIF orientation says (a phone's photograph of a film carries one).
+
+    An orientation Pillow cannot read leaves the image as stored: the pixels are still good.
+    """
+    with contextlib.suppress(Exception):
+        ImageOps.exif_transpose(img, in_place=True)  # in place: a copy would lose `img.format`
+    return img
+
+
+def to_grey_uint8(img: Image.Image, data: bytes = b"") -> np.ndarray:
+    """Convert any PIL mode to 8-bit greyscale; high bit depths by the bits the file holds.
+
+    `data` (the file's bytes) lets a PNG say its significant bits (`sBIT`).
+    """
+    if img.mode.startswith("I"):  # 16- and 32-bit integer grey
+        arr = np.asarray(img).astype(np.float64)
+        arr -= min(float(arr.min()), 0.0)  # signed data: its lowest value is black
+        return _stretch(arr, np.array([0.0, _full_scale(img, data, float(arr.max()))]))
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float32)
         lo, hi = float(arr.min()), float(arr.max())
@@ -360,6 +376,44 @@ def to_grey_uint8(img: Image.Image) -> np.ndarray:
     if img.mode != "L":
         img = img.convert("L")
     return np.asarray(img, dtype=np.uint8).copy()
+
+
+def _full_scale(img: Image.Image, data: bytes, top: float) -> float:
+    """The largest value the pixels were written to reach: white.
+
+    A 16-bit PNG or TIFF often holds 10, 12 or 14 bits of a detector or digitiser (0-4095 in a
+    0-65535 container); scaled by the container's range, that film would come back nearly black
+    in 16 grey levels. In order: the bits the file declares (PNG `sBIT`, TIFF `MaxSampleValue`),
+    if its pixels keep to them; else the fewest of 8, 10, 12, 14 or 16 bits (or more, for
+    32-bit data) that hold its brightest pixel, as detectors write them. Scaled as DICOM is
+    (`_stretch`), 8-bit data stored as v * 257 or v * 256 (v * 16 in 12 bits) comes back exactly.
+    """
+    declared = None
+    if img.format == "PNG":
+        bits = _png_significant_bits(data)
+        declared = 2.0**bits - 1 if bits else None
+    elif img.format == "TIFF":
+        declared = img.tag_v2.get(281)  # MaxSampleValue
+        if isinstance(declared, tuple):
+            declared = max(declared, default=None)
+    if declared and declared >= top:
+        return float(declared)
+    bits = max(8, int(top).bit_length())
+    return 2.0 ** (bits + bits % 2) - 1
+
+
+def _png_significant_bits(data: bytes) -> int | None:
+    """The grey sample's significant bits from a PNG's `sBIT` chunk (before `IDAT`), if any."""
+    at = 8  # after the signature: chunks of length, type, data and CRC
+    while at + 8 <= len(data):
+        (length,) = struct.unpack_from(">I", data, at)
+        kind = data[at + 4 : at + 8]
+        if kind == b"sBIT" and length >= 1:
+            return data[at + 8] or None
+        if kind == b"IDAT":
+            return None
+        at += 12 + length
+    return None
 
 
 def _scale(arr: np.ndarray, full: float) -> np.ndarray:
