@@ -178,13 +178,19 @@ def test_expand_paths(tmp_path: Path, xray_files: list[Path]) -> None:
         (tmp_path / "a" / ("b" if i else "") / f.name).write_bytes(f.read_bytes())
     (tmp_path / "a" / "README.txt").write_text("notes")
     (tmp_path / "a" / "export0001").write_bytes(b"DICOM export without a suffix")
+    # Named by UID, as PACS exports and dcmtk's storescp write them: their ".NNN" is no suffix.
+    film = dicom_bytes(dicom_dataset(np.asarray(Image.open(xray_files[0]).convert("L"))))
+    uid_names = ["CR.1.2.840.113619.2.55.3.2831164356.781", "1.3.12.2.1107.5.3.4.2373.1"]
+    for name in uid_names:
+        (tmp_path / "a" / "b" / name).write_bytes(film)
+    (tmp_path / "a" / "b" / "notes.1").write_text("not DICOM, whatever its suffix")
     (tmp_path / "a" / "b" / "clip.gif").write_bytes(b"GIF89a")
     (tmp_path / "a" / ".DS_Store").write_bytes(b"hidden")
     found = predict.expand_paths([tmp_path / "a"])
-    assert {p.name for p in found} == {*(f.name for f in xray_files[:3]), "export0001"}
+    assert {p.name for p in found} == {*(f.name for f in xray_files[:3]), "export0001", *uid_names}
     scan = predict.scan_paths([tmp_path / "a"])
-    assert scan.skipped == {".txt": 1, ".gif": 1}
-    assert scan.note() == "skipped 2 files with unsupported suffixes: .gif, .txt"
+    assert scan.skipped == {".txt": 1, ".gif": 1, ".1": 1}
+    assert scan.note() == "skipped 3 files with unsupported suffixes: .1, .gif, .txt"
     with pytest.raises(PneumoscanError, match="no such file"):
         predict.expand_paths([tmp_path / "missing.jpg"])
 

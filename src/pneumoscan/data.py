@@ -55,6 +55,22 @@ def patient_id(file_name: str) -> str:
     return Path(file_name).stem
 
 
+def is_image_file(path: Path) -> bool:
+    """Whether a folder listing takes this file: an image suffix; no suffix, as DICOM exports
+    often have; or any other suffix on a file that opens as DICOM does (the "DICM" mark after its
+    preamble), as PACS exports and dcmtk's storescp write them, named by UID ("CR.1.2.840...",
+    whose last ".NNN" is no suffix at all). Hidden files are never taken."""
+    if path.name.startswith(".") or not path.is_file():
+        return False
+    if path.suffix.lower() in IMAGE_SUFFIXES or not path.suffix:
+        return True
+    try:
+        with path.open("rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def list_split(root: str | Path, split: str) -> Split:
     """List `<root>/<split>/<CLASS>/*` images; class names are the sorted folder names."""
     root = Path(root)
@@ -71,11 +87,11 @@ def list_split(root: str | Path, split: str) -> Split:
     files, labels = [], []
     for index, name in enumerate(classes):
         for path in sorted((folder / name).iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            if is_image_file(path):
                 files.append(path)
                 labels.append(index)
     if not files:
-        raise PneumoscanError(f"{folder} holds no images (.jpeg, .jpg, .png, .tif, .dcm)")
+        raise PneumoscanError(f"{folder} holds no images (JPEG, PNG, TIFF or DICOM)")
     return Split(files, np.asarray(labels, dtype=np.int64), classes)
 
 

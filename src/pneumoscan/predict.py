@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscan import domain, reader
-from pneumoscan.data import IMAGE_SUFFIXES
+from pneumoscan.data import is_image_file
 from pneumoscan.errors import ImageReadError, PneumoscanError
 from pneumoscan.model_folder import LoadedModel, ModelCard
 
@@ -92,7 +92,7 @@ class Scan:
 
 
 def scan_paths(paths: Iterable[str | Path]) -> Scan:
-    """Files as given; folders recursively (image suffixes, or none as DICOM exports often have).
+    """Files as given; folders recursively, the files `data.is_image_file` takes.
 
     A path that does not exist is a usage error, raised before any work starts. Hidden files
     are passed over silently; other files with a suffix the reader does not take are counted.
@@ -103,12 +103,10 @@ def scan_paths(paths: Iterable[str | Path]) -> Scan:
         path = Path(raw)
         if path.is_dir():
             for p in sorted(path.rglob("*")):
-                if not p.is_file() or p.name.startswith("."):
-                    continue
-                suffix = p.suffix.lower()
-                if suffix in IMAGE_SUFFIXES or not suffix:
+                if is_image_file(p):
                     files.append(p)
-                else:
+                elif p.is_file() and not p.name.startswith("."):
+                    suffix = p.suffix.lower()
                     skipped[suffix] = skipped.get(suffix, 0) + 1
         elif path.exists():
             files.append(path)
