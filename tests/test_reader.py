@@ -85,6 +85,40 @@ def test_sixteen_bit_files_holding_fewer_bits_come_back_exactly(
     assert np.array_equal(reader.read_image(data, name=name), grey)
 
 
+def test_tiff_variants_digitisers_write(grey: np.ndarray) -> None:
+    """Compressed 16-bit, 32-bit integer and [0, 1] floating point TIFF, and a TIFF whose second
+    page is a thumbnail of the first: each is the film."""
+    wide = Image.fromarray(grey.astype(np.uint16) * 16)
+    for name, data in {
+        "lzw": _encode(wide, "TIFF", compression="tiff_lzw"),
+        "deflate": _encode(wide, "TIFF", compression="tiff_adobe_deflate"),
+        "int32": _encode(Image.fromarray(grey.astype(np.int32) * 16), "TIFF"),
+        "float": _encode(Image.fromarray(grey.astype(np.float32) / 255), "TIFF"),
+        "thumbnail": _encode(
+            Image.fromarray(grey), "TIFF", save_all=True, append_images=[wide.resize((32, 32))]
+        ),
+    }.items():
+        assert np.abs(reader.read_image(data, name=name).astype(int) - grey).max() <= 1, name
+    pages = _encode(Image.fromarray(grey), "TIFF", save_all=True, append_images=[wide])
+    with pytest.raises(ImageReadError, match="multi-frame"):  # two full pages: which one?
+        reader.read_image(pages, name="stack.tif")
+
+
+def test_a_cut_multipage_tiff_is_an_image_or_one_clear_error(grey: np.ndarray) -> None:
+    """Pillow raised TypeError ("Missing dimensions") for some cuts of a two-page TIFF."""
+    data = _encode(
+        Image.fromarray(grey), "TIFF", save_all=True, append_images=[Image.fromarray(grey[:9])]
+    )
+    errors = 0
+    for cut in range(9, len(data), 101):
+        try:
+            assert reader.read_image(data[:cut], name="cut.tif").shape == grey.shape
+        except ImageReadError as exc:
+            assert str(exc).startswith("cut.tif: ") and "\n" not in str(exc)
+            errors += 1
+    assert errors
+
+
 def _png_with_chunk(png: bytes, kind: bytes, body: bytes) -> bytes:
     """Insert a chunk right after IHDR (8-byte signature + 25-byte IHDR chunk)."""
     chunk = struct.pack(">I", len(body)) + kind + body

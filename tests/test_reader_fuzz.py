@@ -33,6 +33,11 @@ def seeds(xray_files: list[Path]) -> dict[str, bytes]:
     Image.fromarray(grey).save(png, "PNG")
     png16 = io.BytesIO()
     Image.fromarray(grey.astype(np.uint16) * 257).save(png16, "PNG")
+    tiff16 = io.BytesIO()  # a digitiser's 12 bits in 16, compressed
+    Image.fromarray(grey.astype(np.uint16) * 16).save(tiff16, "TIFF", compression="tiff_lzw")
+    tiff_pages = io.BytesIO()  # the film and a thumbnail page
+    thumbnail = Image.fromarray(grey).resize((32, 32))
+    Image.fromarray(grey).save(tiff_pages, "TIFF", save_all=True, append_images=[thumbnail])
     progressive = io.BytesIO()
     Image.fromarray(grey).save(progressive, "JPEG", progressive=True)
     jpeg_frame = dicom_dataset(grey)
@@ -48,6 +53,8 @@ def seeds(xray_files: list[Path]) -> dict[str, bytes]:
         "progressive_jpeg": progressive.getvalue(),
         "png": png.getvalue(),
         "png16": png16.getvalue(),
+        "tiff16": tiff16.getvalue(),
+        "tiff_pages": tiff_pages.getvalue(),
         "dicom": dicom_bytes(dicom_dataset(grey.astype(np.uint16) * 16, bits_stored=12)),
         "dicom_jpeg": dicom_bytes(jpeg_frame),
         "dicom_deflated": dicom_bytes(deflated),
@@ -83,6 +90,8 @@ def test_random_bytes(data: bytes, name: str) -> None:
             "progressive_jpeg",
             "png",
             "png16",
+            "tiff16",
+            "tiff_pages",
             "dicom",
             "dicom_jpeg",
             "dicom_deflated",

@@ -81,7 +81,7 @@ def _decode_pil(data: bytes, label: str) -> np.ndarray:
             _check_jpeg_scans(data, label)
         img.load()
         return to_grey_uint8(_upright(img), data)
-    except ImageReadError:
+    except (ImageReadError, MemoryError):
         raise
     except Image.DecompressionBombError:
         raise ImageReadError(
@@ -93,7 +93,7 @@ def _decode_pil(data: bytes, label: str) -> np.ndarray:
                 f"{label}: broken or truncated image (unreadable header)"
             ) from None
         raise ImageReadError(f"{label}: {_UNSUPPORTED}") from None
-    except (OSError, ValueError, SyntaxError) as exc:
+    except Exception as exc:  # Pillow's decoders raise many types (TypeError for a cut TIFF)
         raise ImageReadError(f"{label}: broken or truncated image ({exc})") from None
 
 
@@ -328,9 +328,27 @@ def _check_header(img: Image.Image, label: str) -> None:
         )
     if min(width, height) < MIN_SIDE:
         raise ImageReadError(f"{label}: {width}x{height} pixels is too small to be a chest X-ray")
-    # An MPO is a camera JPEG whose extra images (thumbnail, depth, gain map) follow the picture.
-    if getattr(img, "n_frames", 1) > 1 and img.format != "MPO":
+    # An MPO is a camera JPEG whose extra images (thumbnail, depth, gain map) follow the picture;
+    # a TIFF's later pages may be previews of the first (`_has_only_previews`).
+    if getattr(img, "n_frames", 1) > 1 and img.format != "MPO" and not _has_only_previews(img):
         raise ImageReadError(f"{label}: animated or multi-frame image; give a single frame")
+
+
+def _has_only_previews(img: Image.Image, most: int = 8) -> bool:
+    """A TIFF whose later pages (a few) are each smaller than its first: scanners and converters
+    add thumbnails or reduced-resolution copies. The first page is the image; left selected."""
+    if img.format != "TIFF" or img.n_frames > most:
+        return False
+    width, height = img.size
+    try:
+        for page in range(1, img.n_frames):
+            img.seek(page)
+            if img.size[0] * img.size[1] >= width * height:
+                return False
+        img.seek(0)
+        return True
+    except Exception:  # a page that cannot be reached: not a file to guess about
+        return False
 
 
 def _check_jpeg_scans(data: bytes, label: str) -> None:
@@ -365,9 +383,11 @@ def to_grey_uint8(img: Image.Image, data: bytes = b"") -> np.ndarray:
         arr = np.asarray(img).astype(np.float64)
         arr -= min(float(arr.min()), 0.0)  # signed data: its lowest value is black
         return _stretch(arr, np.array([0.0, _full_scale(img, data, float(arr.max()))]))
-    if img.mode == "F":
+    if img.mode == "F":  # floating point: [0, 1] as written, else the data's own range
         arr = np.asarray(img, dtype=np.float32)
         lo, hi = float(arr.min()), float(arr.max())
+        if lo >= 0.0 and hi <= 1.0:
+            lo, hi = 0.0, 1.0
         return _scale(arr - lo, max(hi - lo, 1e-6))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
