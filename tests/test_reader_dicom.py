@@ -110,6 +110,17 @@ READABLE: dict[str, tuple[Callable[[np.ndarray], bytes], float]] = {
         ),
         1,
     ),
+    # Declared 16 bits stored, 12 used, and no window: read by the bits its pixels hold.
+    "bits16_holding12": (
+        lambda g: dicom_bytes(dicom_dataset(g.astype(np.uint16) * 16, bits_stored=16)),
+        0,
+    ),
+    "monochrome1_bits16_holding12": (
+        lambda g: dicom_bytes(
+            dicom_dataset((255 - g.astype(np.uint16)) * 16, "MONOCHROME1", bits_stored=16)
+        ),
+        1,
+    ),
     "voi_lut_sequence": (_voi_lut, 0),
     "surplus_pixel_bytes": (_surplus_pixel_bytes, 0),
     "rgb": (lambda g: dicom_bytes(dicom_dataset(np.stack([g] * 3, -1), "RGB")), 1),

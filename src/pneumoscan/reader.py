@@ -127,7 +127,7 @@ def _decode_dicom(data: bytes, label: str) -> np.ndarray:
             # Frame 0 only: surplus pixel bytes would otherwise come back as extra frames.
             ds.pixel_array_options(index=0)
             pixels = ds.pixel_array
-            lowest, highest = _stored_range(ds)
+            lowest, highest = _stored_range(ds, pixels)
             if ds.SamplesPerPixel == 3:
                 values = pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
                 ends = np.array([lowest, highest], dtype=np.float64)
@@ -298,10 +298,17 @@ def _frame_geometry(frame: bytes, j2k: bool) -> tuple[int, int, int] | None:
     return None
 
 
-def _stored_range(ds: Dataset) -> tuple[int, int]:
+def _stored_range(ds: Dataset, pixels: np.ndarray) -> tuple[int, int]:
+    """The range the stored values can span: BitsStored's, but where no VOI window or LUT says
+    how to show unsigned data, the fewest of 8, 10, 12, 14 or 16 bits that hold its brightest
+    pixel, if fewer: exports often declare 16 bits stored for a detector's 12, and the film
+    would come back nearly black (as 16-bit PNG and TIFF are read, `_full_scale`)."""
     bits = int(ds.BitsStored)
     if ds.get("PixelRepresentation", 0) == 1:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if "WindowCenter" not in ds and "VOILUTSequence" not in ds and pixels.size:
+        held = max(8, int(pixels.max()).bit_length())
+        bits = min(bits, held + held % 2)
     return 0, 2**bits - 1
 
 
