@@ -34,7 +34,7 @@ MAX_INFLATED = 4 * MAX_PIXELS  # bytes: a deflated DICOM of 16-bit grey or 8-bit
 # every training image is; a model folder then refuses a reader that cannot reproduce it.
 VERSION = 1
 # Keys the decode cache (data.py): bump when any file's pixels change. 2: 16-bit PNG and
-# TIFF scaled by the bits they hold, EXIF orientation applied.
+# TIFF, and DICOM without a window, scaled by the bits they hold; EXIF orientation applied.
 CACHE_VERSION = 2
 DATASET_SIDE = 224  # every training image is 224x224 (the originals squashed with Lanczos)
 _UNSUPPORTED = "not a supported image (use JPEG, PNG, TIFF or DICOM)"
@@ -432,11 +432,11 @@ def _full_scale(img: Image.Image, data: bytes, top: float) -> float:
 def _png_significant_bits(data: bytes) -> int | None:
     """The grey sample's significant bits from a PNG's `sBIT` chunk (before `IDAT`), if any."""
     at = 8  # after the signature: chunks of length, type, data and CRC
-    while at + 8 <= len(data):
+    while at + 9 <= len(data):
         (length,) = struct.unpack_from(">I", data, at)
         kind = data[at + 4 : at + 8]
         if kind == b"sBIT" and length >= 1:
-            return data[at + 8] or None
+            return data[at + 8] if 1 <= data[at + 8] <= 16 else None
         if kind == b"IDAT":
             return None
         at += 12 + length
