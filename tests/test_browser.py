@@ -14,7 +14,7 @@ import httpx
 import pytest
 from helpers import dicom_bytes, dicom_dataset, serving
 
-from pneumoscan import reader
+from pneumoscan import reader, report
 from pneumoscan.predict import FIELDS
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -87,8 +87,9 @@ def test_upload_shows_label_probability_and_heatmap(
             for card, result in zip(cards.all(), ranked, strict=True):
                 expect(card.locator(".file-name")).to_have_text(result["file"])
                 expect(card.locator(".label")).to_have_text(result["label"])
+                shown = report.shown_probability(result["probability"], digits=2)
                 expect(card.locator(".numbers")).to_contain_text(
-                    f"P(pneumonia) {result['probability']:.2f} · threshold {result['threshold']:.2f}"
+                    f"P(pneumonia) {shown} · threshold {result['threshold']:.2f}"
                 )
                 expect(card.locator(".thumb img")).to_be_visible()
 

@@ -59,3 +59,24 @@ def test_the_predictions_csv_holds_the_result_fields(tmp_path: Path) -> None:
     assert list(rows[0]) == list(FIELDS)
     assert rows[0]["label"] == "PNEUMONIA" and rows[1]["error"] == "not an image"
     assert rows[1]["probability"] == ""
+
+
+def test_no_probability_is_shown_as_a_certainty(capsys, tmp_path: Path) -> None:
+    """What rounds to 1 or 0 is shown beyond the last step; the CSV keeps the number."""
+    assert report.shown_probability(0.99951) == "> 0.999"
+    assert report.shown_probability(0.9994) == "0.999"
+    assert report.shown_probability(0.0004) == "< 0.001"
+    assert report.shown_probability(0.0005) == "0.001"
+    assert report.shown_probability(0.996, digits=2) == "> 0.99"
+    assert report.shown_probability(0.004, digits=2) == "< 0.01"
+    assert report.shown_probability(0.5) == "0.500"
+    results = [
+        Prediction("sure.png", 0.99999, "PNEUMONIA", 0.5, "detection", False, 1.0),
+        Prediction("clear.png", 0.00001, "NORMAL", 0.5, "detection", False, 1.0),
+    ]
+    report.print_predictions(results)
+    out = capsys.readouterr().out
+    assert "> 0.999" in out and "< 0.001" in out and "1.000" not in out
+    report.write_predictions_csv(results, tmp_path / "out.csv")
+    with (tmp_path / "out.csv").open() as handle:
+        assert float(next(csv.DictReader(handle))["probability"]) == 0.99999

@@ -16,6 +16,7 @@ from torch import nn
 from pneumoscan import model_folder, preprocess
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.models import MeanOfHeads
+from pneumoscan.report import shown_probability
 
 
 class _OneLogit(nn.Module):
@@ -133,7 +134,8 @@ def overlay_png(
     blended = (1 - alpha) * grey[..., None] + alpha * colours
     canvas = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
     outcome = label if label is not None else "not scored: not a chest X-ray"
-    _caption(canvas, f"P(pneumonia) = {probability:.2f} (threshold {threshold:.2f}) -> {outcome}")
+    shown = shown_probability(probability, digits=2)
+    _caption(canvas, f"P(pneumonia) {shown} (threshold {threshold:.2f}) -> {outcome}")
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     return buffer.getvalue()

@@ -55,6 +55,19 @@ def print_evaluations(results: list[Evaluation]) -> None:
     Console(width=None if sys.stdout.isatty() else 120).print(table)
 
 
+def shown_probability(p: float, digits: int = 3) -> str:
+    """A probability as a person reads it: one that rounds to 1 or 0 at `digits` decimals is
+    shown as beyond the last step ("> 0.999", "< 0.001"), since no calibration off its own
+    population supports a certainty (the page does the same at 2 decimals). The JSON, CSV and
+    API keep the number itself."""
+    step = 10.0**-digits
+    if p >= 1 - step / 2:
+        return f"> {1 - step:.{digits}f}"
+    if p < step / 2:
+        return f"< {step:.{digits}f}"
+    return f"{p:.{digits}f}"
+
+
 def print_predictions(results: list) -> None:
     """Screening results as a readable table on stdout."""
     from rich.console import Console
@@ -75,7 +88,7 @@ def print_predictions(results: list) -> None:
             if r.warning:
                 verdict += f" [yellow]({r.warning})[/yellow]"
         # A score of what is not a chest X-ray means nothing: not shown.
-        probability = "" if r.probability is None or r.ood else f"{r.probability:.3f}"
+        probability = "" if r.probability is None or r.ood else shown_probability(r.probability)
         threshold = "" if r.threshold is None else f"{r.threshold:.3f}"
         table.add_row(r.file, probability, threshold, verdict)
     Console(width=None if sys.stdout.isatty() else 140).print(table)

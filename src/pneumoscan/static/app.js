@@ -44,6 +44,9 @@
   }
 
   const fmt = (x, digits = 2) => (typeof x === "number" ? x.toFixed(digits) : "–");
+  // As report.shown_probability: what rounds to 1 or 0 is shown as beyond the last step, since
+  // no calibration off the training population supports a certainty.
+  const shownProbability = (p) => (p >= 0.995 ? "> 0.99" : p < 0.005 ? "< 0.01" : fmt(p));
   const sizeText = (bytes) => (bytes >= MB ? `${(bytes / MB).toFixed(0)} MB` : `${bytes} bytes`);
   const say = (text) => {
     ui.status.textContent = text;
@@ -349,7 +352,7 @@
     parts.push(
       h("p", {
         class: "numbers",
-        text: `P(pneumonia) ${fmt(r.probability)} · threshold ${fmt(r.threshold)} · ${r.mode} operating point`,
+        text: `P(pneumonia) ${shownProbability(r.probability)} · threshold ${fmt(r.threshold)} · ${r.mode} operating point`,
       }),
     );
     const pressed = entry.showHeatmap && entry.heatmap !== null;
