@@ -176,6 +176,7 @@ def test_expand_paths(tmp_path: Path, xray_files: list[Path]) -> None:
     (tmp_path / "a" / "b").mkdir(parents=True)
     for i, f in enumerate(xray_files[:3]):
         (tmp_path / "a" / ("b" if i else "") / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "a" / "download.jfif").write_bytes(xray_files[0].read_bytes())  # Windows' JPEG
     (tmp_path / "a" / "README.txt").write_text("notes")
     (tmp_path / "a" / "export0001").write_bytes(b"DICOM export without a suffix")
     # Named by UID, as PACS exports and dcmtk's storescp write them: their ".NNN" is no suffix.
@@ -187,7 +188,8 @@ def test_expand_paths(tmp_path: Path, xray_files: list[Path]) -> None:
     (tmp_path / "a" / "b" / "clip.gif").write_bytes(b"GIF89a")
     (tmp_path / "a" / ".DS_Store").write_bytes(b"hidden")
     found = predict.expand_paths([tmp_path / "a"])
-    assert {p.name for p in found} == {*(f.name for f in xray_files[:3]), "export0001", *uid_names}
+    names = {*(f.name for f in xray_files[:3]), "download.jfif", "export0001", *uid_names}
+    assert {p.name for p in found} == names
     scan = predict.scan_paths([tmp_path / "a"])
     assert scan.skipped == {".txt": 1, ".gif": 1, ".1": 1}
     assert scan.note() == "skipped 3 files with unsupported suffixes: .1, .gif, .txt"

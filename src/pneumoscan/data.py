@@ -17,8 +17,9 @@ import numpy as np
 from pneumoscan import reader
 from pneumoscan.errors import ImageReadError, PneumoscanError
 
-# TIFF: what film digitisers write (8 or 16 bit).
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".tif", ".tiff", ".dcm", ".dicom"}
+# TIFF: what film digitisers write (8 or 16 bit). .jfif and .jpe: JPEG as browsers on Windows
+# save it.
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".jfif", ".jpe", ".png", ".tif", ".tiff", ".dcm", ".dicom"}
 DATA_HELP = (
     "get the Kermany et al. chest X-ray data (Kaggle 'chest-xray-pneumonia', or Mendeley "
     "doi:10.17632/rscbjbr9sj.2) and unpack it so that DIR/{train,val,test}/{NORMAL,PNEUMONIA} exist"
