@@ -307,9 +307,14 @@ def _stored_range(ds: Dataset, pixels: np.ndarray) -> tuple[int, int]:
     if ds.get("PixelRepresentation", 0) == 1:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if "WindowCenter" not in ds and "VOILUTSequence" not in ds and pixels.size:
-        held = max(8, int(pixels.max()).bit_length())
-        bits = min(bits, held + held % 2)
+        bits = min(bits, _bits_held(float(pixels.max())))
     return 0, 2**bits - 1
+
+
+def _bits_held(top: float) -> int:
+    """The fewest of 8, 10, 12, 14 or 16 bits (or more) that hold `top`, as detectors write them."""
+    bits = max(8, int(top).bit_length())
+    return bits + bits % 2
 
 
 def _stretch(values: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -425,8 +430,7 @@ def _full_scale(img: Image.Image, data: bytes, top: float) -> float:
             declared = max(declared, default=None)
     if declared and declared >= top:
         return float(declared)
-    bits = max(8, int(top).bit_length())
-    return 2.0 ** (bits + bits % 2) - 1
+    return 2.0 ** _bits_held(top) - 1
 
 
 def _png_significant_bits(data: bytes) -> int | None:
