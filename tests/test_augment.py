@@ -1,7 +1,7 @@
 import torch
 from helpers import quick
 
-from pneumoscan.augment import augment, soft_targets
+from pneumoscan.augment import augment, exposure_variant, soft_targets
 
 
 def test_augmentation_keeps_range_and_changes_pixels() -> None:
@@ -56,6 +56,24 @@ def test_exposure_augmentation_is_a_monotone_change_of_levels_within_its_limits(
     a = augment(x.clone(), recipe, torch.Generator().manual_seed(1))
     b = augment(x.clone(), {**recipe, "exposure": {}}, torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
+
+
+def test_an_exposure_variant_is_the_same_image_under_another_exposure_in_8_bits() -> None:
+    """The consistency term's second view: one increasing curve per image within the limits,
+    then rounded to the 256 levels a file holds; fresh draws from the generator each call."""
+    x = torch.rand(32, 1, 16, 16)
+    limits = {"offset": 0.1, "gain": 0.2, "gamma": 0.3}
+    gen = torch.Generator().manual_seed(0)
+    out = exposure_variant(x, limits, gen)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert torch.equal(out, (out * 255).round() / 255)  # 8-bit levels
+    order = x.flatten(1).argsort(1)
+    assert (out.flatten(1).gather(1, order).diff(dim=1) >= 0).all()  # pixels keep their order
+    moved = (out - x).abs().flatten(1).mean(1)
+    assert moved.min() < 0.03 < moved.max()  # some images barely change, some a lot
+    assert not torch.equal(exposure_variant(x, limits, gen), out)
+    plain = exposure_variant(x, {}, gen)  # no limits: only the rounding
+    assert (plain - x).abs().max() <= 0.5 / 255 + 1e-6
 
 
 def test_mixup_and_label_smoothing_blend_inputs_targets_and_weights() -> None:

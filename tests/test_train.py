@@ -34,18 +34,15 @@ def test_end_to_end_train_then_evaluate_on_real_images(
     assert history and all(np.isfinite(h["val_loss"]) for h in history)
 
 
+def trained_weights(data_root: Path, out: Path, **settings) -> dict[str, torch.Tensor]:
+    """The weights of a short `cnn` run with `settings`, trained into `out`."""
+    train.train(quick("cnn", **settings), data_root, out, "cpu", log=silent, progress=False)
+    return load_file(str(out / "weights.safetensors"))
+
+
 def test_training_is_deterministic_for_a_seed_on_cpu(small_data: Path, tmp_path: Path) -> None:
-    for run in ("a", "b"):
-        train.train(
-            quick("cnn", max_steps=4, seed=3),
-            small_data,
-            tmp_path / run,
-            "cpu",
-            log=silent,
-            progress=False,
-        )
-    a = load_file(str(tmp_path / "a" / "weights.safetensors"))
-    b = load_file(str(tmp_path / "b" / "weights.safetensors"))
+    a = trained_weights(small_data, tmp_path / "a", max_steps=4, seed=3)
+    b = trained_weights(small_data, tmp_path / "b", max_steps=4, seed=3)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -116,6 +113,36 @@ def test_layer_wise_rates_fall_by_the_decay_from_the_output_down() -> None:
     trainable = [id(p) for p in network.parameters() if p.requires_grad]
     assert sorted(grouped) == sorted(trainable) and len(set(grouped)) == len(grouped)
     assert {g["lr"] for g in train.layer_groups(network, 1e-3, 1.0)} == {1e-3}
+
+
+def test_the_consistency_term_is_a_jensen_shannon_divergence_between_two_answers() -> None:
+    a = torch.tensor([-3.0, 0.0, 2.0, 8.0])
+    assert train.bernoulli_js(a, a).item() == pytest.approx(0.0, abs=1e-6)
+    b = torch.tensor([3.0, 0.0, 2.0, 8.0])
+    one = train.bernoulli_js(a[:1], b[:1]).item()
+    assert train.bernoulli_js(b, a).item() == pytest.approx(train.bernoulli_js(a, b).item())
+    assert train.bernoulli_js(a, b).item() == pytest.approx(one / 4, rel=1e-4)
+    assert 0 < one <= np.log(2)  # bounded by ln 2, reached by opposite certainties
+    assert train.bernoulli_js(torch.tensor([-30.0]), torch.tensor([30.0])).item() == pytest.approx(
+        np.log(2), rel=1e-3
+    )
+
+
+def test_training_with_the_consistency_term_runs_and_changes_the_weights(
+    small_data: Path, tmp_path: Path
+) -> None:
+    """Two runs of one seed, with and without the term: the term reaches the gradient."""
+    term = {"weight": 12, "offset": 0.1, "gain": 0.2, "gamma": 0.3}
+    a = trained_weights(small_data, tmp_path / "plain", max_steps=2, seed=3)
+    b = trained_weights(small_data, tmp_path / "consistent", max_steps=2, seed=3, consistency=term)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    meta = json.loads((tmp_path / "consistent" / "model.json").read_text())
+    assert meta["training"]["config"]["consistency"] == term
+
+
+def test_a_consistency_without_a_positive_weight_is_refused() -> None:
+    with pytest.raises(PneumoscanError, match="consistency must be a mapping with a positive"):
+        quick("cnn", consistency={"gain": 0.2})
 
 
 @pytest.mark.slow

@@ -67,6 +67,16 @@ def augment(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> torch.Tensor:
     return x.clamp_(0, 1)
 
 
+def exposure_variant(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> torch.Tensor:
+    """`x` under another exposure (`cfg` as augment's `exposure`), rounded to 8 bits as a file
+    holds it: the same X-ray that the consistency term asks the model to score alike."""
+
+    def uniform(limit: float) -> torch.Tensor:
+        return (torch.rand(x.shape[0], generator=gen) * 2 - 1) * limit
+
+    return (_exposure(x.clamp(0, 1), cfg, uniform) * 255).round() / 255
+
+
 def _exposure(x: torch.Tensor, cfg: dict, uniform) -> torch.Tensor:
     power = torch.exp(uniform(math.log1p(cfg.get("gamma", 0.0))))
     gain = 1 + uniform(cfg.get("gain", 0.0))

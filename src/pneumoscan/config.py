@@ -36,6 +36,9 @@ class TrainConfig:
     ema: float = 0.0  # decay of an exponential moving average of the weights; 0 = off
     mixup: float = 0.0  # Beta(a, a) blend of each batch with itself shuffled; 0 = off
     label_smoothing: float = 0.0  # targets eps/2 and 1 - eps/2
+    # {weight, offset, gain, gamma}: each batch also scored under another exposure, and the
+    # two answers' Jensen-Shannon divergence added, times weight, to the loss; {} = off
+    consistency: dict = field(default_factory=dict)
     max_steps: int | None = None
     augment: dict = field(default_factory=dict)
     model_args: dict = field(default_factory=dict)
@@ -109,6 +112,14 @@ def _check(values: dict, source: str) -> None:
         )
     if not 0 < float(values.get("lr_decay", 1.0)) <= 1:
         raise PneumoscanError(f"{source}: lr_decay must be in (0, 1] (1: one rate for all)")
+    consistency = values.get("consistency") or {}
+    if consistency and (
+        not isinstance(consistency, dict) or float(consistency.get("weight", 0)) <= 0
+    ):
+        raise PneumoscanError(
+            f"{source}: consistency must be a mapping with a positive weight "
+            "(e.g. {weight: 12, offset: 0.1, gain: 0.2, gamma: 0.3})"
+        )
     if not 0 <= float(values.get("ema", 0.0)) < 1:
         raise PneumoscanError(f"{source}: ema must be in [0, 1) (0: off; e.g. 0.995)")
 

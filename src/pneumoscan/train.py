@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pneumoscan import checkpoint, data, distributed, metrics, model_folder, postfit
-from pneumoscan.augment import augment, soft_targets
+from pneumoscan.augment import augment, exposure_variant, soft_targets
 from pneumoscan.config import TrainConfig
 from pneumoscan.device import autocast, pick_device, to_input, trunk_features
 from pneumoscan.errors import PneumoscanError
@@ -329,9 +329,16 @@ def _step(run: Run, positions: np.ndarray) -> float:
     x = _batch_input(run, positions)
     y = torch.from_numpy(run.train_labels[positions]).to(run.device)
     x, target, weight = soft_targets(x, y, run.class_weight[y], run.cfg, run.gen)
+    consistency = run.cfg.consistency if run.features is None else {}
+    if consistency:  # the same batch under another exposure, scored in the same pass
+        x = torch.cat([x, exposure_variant(x, consistency, run.gen)])
     with autocast(run.device):
-        out = run.trained(x).reshape(-1)
-    loss = F.binary_cross_entropy_with_logits(out.float(), target, weight=weight)
+        out = run.trained(x).reshape(-1).float()
+    if consistency:
+        out, variant = out.chunk(2)
+    loss = F.binary_cross_entropy_with_logits(out, target, weight=weight)
+    if consistency:
+        loss = loss + consistency["weight"] * bernoulli_js(out, variant)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
@@ -339,6 +346,18 @@ def _step(run: Run, positions: np.ndarray) -> float:
     if run.ema is not None:
         run.ema.update_parameters(run.network)
     return loss.item()
+
+
+def bernoulli_js(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The mean Jensen-Shannon divergence between the Bernoulli answers of logits `a` and `b`:
+    AugMix's consistency term (Hendrycks et al., 2020), for one output."""
+    p = torch.stack([torch.sigmoid(a), torch.sigmoid(b)]).clamp(1e-7, 1 - 1e-7)
+    m = p.mean(0)
+
+    def kl_to_m(q: torch.Tensor) -> torch.Tensor:
+        return q * torch.log(q / m) + (1 - q) * torch.log((1 - q) / (1 - m))
+
+    return 0.5 * (kl_to_m(p[0]) + kl_to_m(p[1])).mean()
 
 
 def _batch_input(run: Run, positions: np.ndarray) -> torch.Tensor:
