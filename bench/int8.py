@@ -85,7 +85,10 @@ def main() -> None:
     args = parser.parse_args()
     results = [compare(m, args.data) for m in args.model or ["transfer", "cnn"]]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    measured = {r["model"] for r in results}  # the other models' rows stay as they were
+    earlier = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    kept = [r for r in earlier if r["model"] not in measured]
+    RESULTS.write_text(json.dumps(kept + results, indent=2) + "\n")
     for r in results:
         t = r["test"]
         print(
