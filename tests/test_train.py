@@ -34,9 +34,11 @@ def test_end_to_end_train_then_evaluate_on_real_images(
     assert history and all(np.isfinite(h["val_loss"]) for h in history)
 
 
-def trained_weights(data_root: Path, out: Path, **settings) -> dict[str, torch.Tensor]:
-    """The weights of a short `cnn` run with `settings`, trained into `out`."""
-    train.train(quick("cnn", **settings), data_root, out, "cpu", log=silent, progress=False)
+def trained_weights(
+    data_root: Path, out: Path, name: str = "cnn", **settings
+) -> dict[str, torch.Tensor]:
+    """The weights of a short run of recipe `name` with `settings`, trained into `out`."""
+    train.train(quick(name, **settings), data_root, out, "cpu", log=silent, progress=False)
     return load_file(str(out / "weights.safetensors"))
 
 
@@ -128,13 +130,17 @@ def test_the_consistency_term_is_a_jensen_shannon_divergence_between_two_answers
     )
 
 
+@pytest.mark.parametrize("name", ["cnn", "transfer"])
 def test_training_with_the_consistency_term_runs_and_changes_the_weights(
-    small_data: Path, tmp_path: Path
+    name: str, small_data: Path, tmp_path: Path
 ) -> None:
-    """Two runs of one seed, with and without the term: the term reaches the gradient."""
+    """Two runs of one seed, with and without the term: the term reaches the gradient, on
+    fresh images (`cnn`) and on frozen-trunk features cached in pairs (`transfer`)."""
     term = {"weight": 12, "offset": 0.1, "gain": 0.2, "gamma": 0.3}
-    a = trained_weights(small_data, tmp_path / "plain", max_steps=2, seed=3)
-    b = trained_weights(small_data, tmp_path / "consistent", max_steps=2, seed=3, consistency=term)
+    a = trained_weights(small_data, tmp_path / "plain", name, max_steps=2, seed=3, consistency={})
+    b = trained_weights(
+        small_data, tmp_path / "consistent", name, max_steps=2, seed=3, consistency=term
+    )
     assert any(not torch.equal(a[k], b[k]) for k in a)
     meta = json.loads((tmp_path / "consistent" / "model.json").read_text())
     assert meta["training"]["config"]["consistency"] == term
@@ -143,6 +149,8 @@ def test_training_with_the_consistency_term_runs_and_changes_the_weights(
 def test_a_consistency_without_a_positive_weight_is_refused() -> None:
     with pytest.raises(PneumoscanError, match="consistency must be a mapping with a positive"):
         quick("cnn", consistency={"gain": 0.2})
+    with pytest.raises(PneumoscanError, match="consistency and mixup cannot be combined"):
+        quick("cnn", consistency={"weight": 1}, mixup=0.2)
 
 
 @pytest.mark.slow

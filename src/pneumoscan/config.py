@@ -120,6 +120,8 @@ def _check(values: dict, source: str) -> None:
             f"{source}: consistency must be a mapping with a positive weight "
             "(e.g. {weight: 12, offset: 0.1, gain: 0.2, gamma: 0.3})"
         )
+    if consistency and float(values.get("mixup", 0.0)) > 0:
+        raise PneumoscanError(f"{source}: consistency and mixup cannot be combined; set one")
     if not 0 <= float(values.get("ema", 0.0)) < 1:
         raise PneumoscanError(f"{source}: ema must be in [0, 1) (0: off; e.g. 0.995)")
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from pneumoscan import preprocess
-from pneumoscan.augment import augment
+from pneumoscan.augment import augment, exposure_variant
 from pneumoscan.errors import PneumoscanError
 
 
@@ -34,14 +34,22 @@ def to_input(batch: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def trunk_features(trunk, images, idx, device, batch_size, cfg=None, gen=None) -> torch.Tensor:
-    """Frozen-trunk outputs of `images[idx]`, in fp16 (optionally of augmented views)."""
+def trunk_features(
+    trunk, images, idx, device, batch_size, cfg=None, gen=None, variant=None
+) -> torch.Tensor:
+    """Frozen-trunk outputs of `images[idx]`, in fp16 (optionally of augmented views).
+
+    With `variant` (exposure limits, as the consistency term's), each image's outputs come in
+    a pair, (2, N, ...): the view, and the same view under another exposure.
+    """
     trunk.eval()  # the pretrained BatchNorm statistics, never batch statistics
     out = []
     for start in range(0, len(idx), batch_size * 4):
         x = to_input(images[idx[start : start + batch_size * 4]], device)
         if cfg:
             x = augment(x, cfg, gen)
+        views = [x] if variant is None else [x, exposure_variant(x, variant, gen)]
         with autocast(device):
-            out.append(trunk(x).to(torch.float16))
-    return torch.cat(out)
+            out.append(torch.stack([trunk(v).to(torch.float16) for v in views]))
+    features = torch.cat(out, dim=1)
+    return features if variant is not None else features[0]

@@ -71,7 +71,7 @@ class Run:
     order_gen: torch.Generator  # the epochs' order, shared by all ranks
     class_weight: torch.Tensor
     ema: torch.nn.Module | None  # an average of the weights (AveragedModel), when cfg.ema > 0
-    features: torch.Tensor | None = None  # cached frozen-trunk outputs: (views, N, ...)
+    features: torch.Tensor | None = None  # cached frozen-trunk outputs: (views, [2,] N, ...)
     val_features: torch.Tensor | None = None
     trained: torch.nn.Module | None = None  # what the optimizer steps (DDP-wrapped if world > 1)
 
@@ -280,6 +280,7 @@ def _cache_features(run: Run, log: Callable[[str], None]) -> None:
             cfg.batch_size,
             cfg.augment if view else None,
             view_gen,
+            cfg.consistency or None,  # each view paired with itself under another exposure
         )
         for view in range(cfg.feature_views)
     ]
@@ -329,9 +330,7 @@ def _step(run: Run, positions: np.ndarray) -> float:
     x = _batch_input(run, positions)
     y = torch.from_numpy(run.train_labels[positions]).to(run.device)
     x, target, weight = soft_targets(x, y, run.class_weight[y], run.cfg, run.gen)
-    consistency = run.cfg.consistency if run.features is None else {}
-    if consistency:  # the same batch under another exposure, scored in the same pass
-        x = torch.cat([x, exposure_variant(x, consistency, run.gen)])
+    consistency = run.cfg.consistency  # x then holds the batch and the same under another exposure
     with autocast(run.device):
         out = run.trained(x).reshape(-1).float()
     if consistency:
@@ -361,12 +360,17 @@ def bernoulli_js(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _batch_input(run: Run, positions: np.ndarray) -> torch.Tensor:
-    """A training batch: cached features of a random view, or freshly augmented images."""
+    """A training batch: cached features of a random view, or freshly augmented images; with
+    the consistency term, followed by the same batch under another exposure."""
+    consistency = run.cfg.consistency
     if run.features is not None:
         view = torch.randint(run.cfg.feature_views, (1,), generator=run.gen).item()
-        return run.features[view][torch.from_numpy(positions).to(run.features.device)].float()
+        at = torch.from_numpy(positions).to(run.features.device)
+        cached = run.features[view]
+        return (cached[:, at].flatten(0, 1) if consistency else cached[at]).float()
     x = to_input(run.data.images[run.data.train_idx[positions]], run.device)
-    return augment(x, run.cfg.augment, run.gen)
+    x = augment(x, run.cfg.augment, run.gen)
+    return torch.cat([x, exposure_variant(x, consistency, run.gen)]) if consistency else x
 
 
 def _validate(run: Run) -> tuple[float, float]:
