@@ -80,7 +80,7 @@ def test_mixup_and_label_smoothing_blend_inputs_targets_and_weights() -> None:
     x = torch.stack([torch.full((1, 4, 4), float(v)) for v in (0.0, 1.0, 0.0, 1.0)])
     y = torch.tensor([0, 1, 0, 1])
     weight = torch.tensor([2.0, 1.0, 2.0, 1.0])
-    cfg = quick("cnn", mixup=0.4, label_smoothing=0.1)
+    cfg = quick("cnn", mixup=0.4, label_smoothing=0.1, consistency={})  # mixup alone
     mixed, target, w = soft_targets(x, y, weight, cfg, torch.Generator().manual_seed(3))
     share = mixed[:, 0, 0, 0]  # each input is its blend with a partner, so its value is a share
     assert not torch.equal(mixed, x) and torch.all((share >= 0) & (share <= 1))
