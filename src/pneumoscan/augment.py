@@ -31,9 +31,7 @@ def augment(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> torch.Tensor:
     if not cfg:
         return x
     n = x.shape[0]
-
-    def uniform(limit: float) -> torch.Tensor:
-        return (torch.rand(n, generator=gen) * 2 - 1) * limit
+    uniform = _uniform(n, gen)
 
     angle = uniform(math.radians(cfg.get("rotate", 0.0)))
     scale = 1 + uniform(cfg.get("scale", 0.0))
@@ -70,11 +68,16 @@ def augment(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> torch.Tensor:
 def exposure_variant(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> torch.Tensor:
     """`x` under another exposure (`cfg` as augment's `exposure`), rounded to 8 bits as a file
     holds it: the same X-ray that the consistency term asks the model to score alike."""
+    return (_exposure(x.clamp(0, 1), cfg, _uniform(x.shape[0], gen)) * 255).round() / 255
+
+
+def _uniform(n: int, gen: torch.Generator):
+    """Draws of `n` values, one per image, uniform in [-limit, limit], from `gen`."""
 
     def uniform(limit: float) -> torch.Tensor:
-        return (torch.rand(x.shape[0], generator=gen) * 2 - 1) * limit
+        return (torch.rand(n, generator=gen) * 2 - 1) * limit
 
-    return (_exposure(x.clamp(0, 1), cfg, uniform) * 255).round() / 255
+    return uniform
 
 
 def _exposure(x: torch.Tensor, cfg: dict, uniform) -> torch.Tensor:

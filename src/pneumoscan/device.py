@@ -48,8 +48,10 @@ def trunk_features(
         x = to_input(images[idx[start : start + batch_size * 4]], device)
         if cfg:
             x = augment(x, cfg, gen)
-        views = [x] if variant is None else [x, exposure_variant(x, variant, gen)]
         with autocast(device):
-            out.append(torch.stack([trunk(v).to(torch.float16) for v in views]))
-    features = torch.cat(out, dim=1)
-    return features if variant is not None else features[0]
+            features = trunk(x).to(torch.float16)
+            if variant is not None:
+                twin = trunk(exposure_variant(x, variant, gen)).to(torch.float16)
+                features = torch.stack([features, twin])
+        out.append(features)
+    return torch.cat(out, dim=0 if variant is None else 1)
