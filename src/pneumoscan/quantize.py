@@ -123,7 +123,7 @@ def add_int8(folder: Path, data_root: Path) -> Path:
     meta[INT8_KEY] = {
         "file": INT8_FILE,
         "sha256": model_folder._sha256(card.folder / INT8_FILE),
-        "calibration": f"{len(images)} training images (validation carved out), per-channel QDQ",
+        "calibration": f"{len(images)} training images (validation carved out), per-channel QDQ, 7-bit weights",
     }
     tmp_meta = card.folder / f".{model_folder.META_FILE}.tmp"
     tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
