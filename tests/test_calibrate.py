@@ -45,6 +45,8 @@ def test_calibrate_writes_a_complete_folder_and_leaves_the_weights(site: Path, t
     )
     assert meta["calibration"] != original.meta["calibration"]
     assert "site images" in meta["operating_points"]["detection"]["rule"]
+    # The external films' labels were at the shipped thresholds: not this folder's record.
+    assert model_folder.EXTERNAL_KEY in original.meta and model_folder.EXTERNAL_KEY not in meta
     loaded = runtime.load(out)  # checksums hold: the graph and weights were copied as they were
     assert loaded.threshold("detection") == meta["operating_points"]["detection"]["threshold"]
     model_folder.load(out)

@@ -12,7 +12,7 @@ import pytest
 from helpers import run_cli
 from PIL import Image, ImageDraw
 
-from pneumoscan import domain, reader, runtime
+from pneumoscan import domain, model_folder, reader, runtime
 from pneumoscan import predict as screening
 
 EXTERNAL = (
@@ -79,6 +79,30 @@ def test_every_tier_on_real_images(name: str, xray_files: list[Path], tmp_path: 
         assert shifted and all(
             r.label is not None and "less reliable" in r.warning for r in shifted
         )
+        # The model card's record of these films (tools/external_check.py) is what they give.
+        recorded = model.meta[model_folder.EXTERNAL_KEY]
+        measured = domain.external_summary(adults)
+        assert recorded["images"] == len(adults)
+        for key in ("recognised", "domain", "labels"):
+            assert recorded[key] == measured[key], key
+
+
+def test_external_summary_counts_tiers_labels_and_the_clean_films() -> None:
+    results = [
+        screening.Prediction("a/X-1.png", 0.9, "PNEUMONIA", domain=domain.IN_DOMAIN),
+        screening.Prediction("a/X-2.png", 0.2, "NORMAL", domain=domain.SHIFTED),
+        screening.Prediction("a/X-3.png", 0.7, None, ood=True, domain=domain.NOT_CHEST_XRAY),
+        screening.Prediction("a/X-4.png", error="a/X-4.png: file is empty"),
+    ]
+    summary = domain.external_summary(results, no_finding={"X-2", "X-3"})
+    assert summary == {
+        "images": 4,
+        "unreadable": 1,
+        "recognised": 2,
+        "domain": {domain.IN_DOMAIN: 1, domain.SHIFTED: 1, domain.NOT_CHEST_XRAY: 1},
+        "labels": {"NORMAL": 1, "PNEUMONIA": 1},
+        "no_finding": {"NORMAL": 1},
+    }
 
 
 def test_the_cli_warns_and_ranks_non_xrays_after_scored_images(

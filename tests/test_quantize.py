@@ -51,6 +51,7 @@ def test_int8_graph_beside_the_fp32_one(
     dtype = getattr(torch, loaded.meta["weights"]["dtype"])
     model_folder.save(folder, loaded.network, loaded.meta, dtype=dtype, ood=loaded.scorer.guard)
     assert quantize.INT8_KEY not in model_folder.read_card(folder).meta and not path.exists()
+    assert model_folder.EXTERNAL_KEY not in model_folder.read_card(folder).meta  # of the old one
     with pytest.raises(PneumoscanError, match="has no int8 graph"):
         runtime.load(folder, precision="int8")
 

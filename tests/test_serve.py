@@ -336,6 +336,10 @@ def test_the_default_models_card_says_it_is_an_ensemble() -> None:
     assert card["name"] == "ensemble" and card["members"] == 3
     assert card["description"] == "cnn + transfer x2" and card["architecture"] == "mixture"
     assert card["validation"]["auc"] > 0.99
+    # What it did on adult films from other hospitals (tools/external_check.py), for the page.
+    external = card["external_check"]
+    assert external["recognised"] == external["domain"]["in_domain"] + external["domain"]["shifted"]
+    assert sum(external["labels"].values()) == external["recognised"]
 
 
 TOKEN = "s3cret-token-for-tests-0123456789"

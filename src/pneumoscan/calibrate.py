@@ -112,6 +112,7 @@ def calibrate(
     fitted = metrics.fit_operating_points(labels, logits, target_sensitivity, source="site images")
     meta = json.loads(json.dumps(scorer.meta))  # a deep copy
     meta.update(fitted)
+    meta.pop(model_folder.EXTERNAL_KEY, None)  # its labels were at the thresholds replaced
     counts = site_data.counts(scorer.class_names)
     meta["site_calibration"] = {
         "date": datetime.date.today().isoformat(),

@@ -15,6 +15,8 @@ sections 26 and 27).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 IN_DOMAIN, SHIFTED, NOT_CHEST_XRAY = "in_domain", "shifted", "not_chest_xray"
@@ -63,4 +65,29 @@ def outer_section(view_distances: np.ndarray, n_images: int) -> dict:
             "views": list(shift.VIEWS),
             "largest_distance": largest,
         },
+    }
+
+
+def external_summary(results: list, no_finding: set[str] = frozenset()) -> dict:
+    """What a model did on chest X-rays from elsewhere (`predict.Prediction`s): how many it
+    recognised as chest X-rays, how many it marked `shifted`, and how its labels fell, overall
+    and on the films whose own metadata says "No finding" (named by file stem in `no_finding`).
+    """
+
+    def labels(rs: list) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in rs:
+            if r.label is not None:
+                out[r.label] = out.get(r.label, 0) + 1
+        return dict(sorted(out.items()))
+
+    scored = [r for r in results if r.error is None]
+    tiers = {tier: sum(r.domain == tier for r in scored) for tier in DOMAINS}
+    return {
+        "images": len(results),
+        "unreadable": len(results) - len(scored),
+        "recognised": tiers[IN_DOMAIN] + tiers[SHIFTED],
+        "domain": tiers,
+        "labels": labels(scored),
+        "no_finding": labels([r for r in scored if Path(r.file).stem in no_finding]),
     }

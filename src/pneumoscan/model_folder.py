@@ -35,6 +35,7 @@ WEIGHTS_FILE = "weights.safetensors"
 GUARD_FILE = "guard.safetensors"
 ONNX_FILE = "model.onnx"
 INT8_FILE, INT8_KEY = "model.int8.onnx", "onnx_int8"  # quantize.add_int8 writes it
+EXTERNAL_KEY = "external_check"  # tools/external_check.py writes it (domain.external_summary)
 META_FILE = "model.json"
 # Grad-CAM needs a spatial layer before the global pooling: every architecture but `dense`.
 SPATIAL_ARCHITECTURES = ("cnn", "transfer")
@@ -173,7 +174,8 @@ def save(
 
     The ONNX graph holds exactly the weights that ship (rounded to `dtype`), so both backends
     give the same answers. An int8 graph quantized from the folder's previous graph is removed
-    (quantize.add_int8 makes a new one).
+    (quantize.add_int8 makes a new one), and so is the record of what the previous folder did
+    on external films (tools/external_check.py measures it again).
     """
     import torch
 
@@ -184,8 +186,9 @@ def save(
     folder.mkdir(parents=True, exist_ok=True)
     if INT8_KEY in meta:  # quantized from the graph this save replaces: stale now
         (folder / INT8_FILE).unlink(missing_ok=True)
+    stale = (INT8_KEY, EXTERNAL_KEY)  # the external films' outcome was of the folder replaced
     meta = {
-        **{k: v for k, v in meta.items() if k != INT8_KEY},
+        **{k: v for k, v in meta.items() if k not in stale},
         "format_version": FORMAT_VERSION,
         "preprocessing": preprocess.record(int(meta["input_size"])),
         "weights": {

@@ -171,6 +171,7 @@ def model_card(loaded: model_folder.ModelCard, max_file_bytes: int, max_files: i
             "tiers": "in_domain: guard distance <= ood.threshold (99.5% of validation X-rays); "
             "shifted: up to ood.outer_threshold; not_chest_xray: beyond it",
         },
+        "external_check": meta.get(model_folder.EXTERNAL_KEY),  # tools/external_check.py
         "site_calibration": meta.get("site_calibration"),
         "pneumoscan_version": __version__,
         "format_version": meta["format_version"],

@@ -125,10 +125,25 @@
       ui.model.textContent =
         `Model: ${card.name} (${about}${card.input_size}×${card.input_size} pixels). ` +
         `Thresholds: ${points.join("; ")}. Files up to ${sizeText(state.limits.max_file_bytes)}.` +
-        (card.domain ? ` Trained on ${card.domain.trained_on}: other X-rays are marked less reliable.` : "");
+        (card.domain ? ` Trained on ${card.domain.trained_on}: other X-rays are marked less reliable.` : "") +
+        externalText(card.external_check);
     } catch (err) {
       ui.model.textContent = `Could not load the model description: ${err.message}`;
     }
+  }
+
+  // What the model did on chest X-rays from elsewhere (model.json's external_check), if measured.
+  function externalText(ext) {
+    if (!ext) return "";
+    const counts = (labels) =>
+      Object.entries(labels).map(([label, n]) => `${n} ${label}`).join(", ") || "none";
+    const clean = Object.values(ext.no_finding).reduce((a, b) => a + b, 0);
+    return (
+      ` On ${ext.images} ${ext.films}: ${ext.recognised} recognised as chest X-rays, ` +
+      `${ext.domain.shifted} of them marked less reliable; labels ${counts(ext.labels)}` +
+      (clean ? ` (the ${clean} with no finding: ${counts(ext.no_finding)})` : "") +
+      `. On such films a label means little.`
+    );
   }
 
   // ---- talking to the API --------------------------------------------------------------
