@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     images = args.films / "images" if (args.films / "images").is_dir() else args.films
     files = predict.expand_paths([images])
-    clean = set(no_finding(args.films / "metadata.csv"))
+    clean = no_finding(args.films / "metadata.csv")
     for folder in args.folders:
         model = runtime.load(folder)
         results = list(predict.predict(model, files, mode="detection"))

@@ -2,19 +2,18 @@
 
 QDQ format, per-channel int8 weights in a 7-bit range (so that CPUs without VNNI do not
 saturate), activations calibrated on training images (the part of `train/` that trains, never
-validation or test). Only the classifier's convolutions are
-quantized. The guard stays in fp32 (its thresholds are quantiles of fp32 distances): its
-distance, and its own feature extractor where the model has one (`Scorer.guard_trunk`: every
-model whose trunk is not the guard's), so that its outcomes are those of the fp32 graph. The
-graph is written beside the fp32 one as `model.int8.onnx` and checksummed in model.json like
-every other file; `runtime.load(..., precision="int8")` runs it. Whether int8 may be the
-default is bench/int8.py's question (docs/experiments.md, sections 29 and 31: not yet).
+validation or test). Only the classifier's convolutions are quantized. The guard stays in fp32
+(its thresholds are quantiles of fp32 distances): its distance, and its own feature extractor
+where the model has one (`Scorer.guard_trunk`: every model whose trunk is not the guard's), so
+that its outcomes are those of the fp32 graph. The graph is written beside the fp32 one as
+`model.int8.onnx` and checksummed in model.json like every other file;
+`runtime.load(..., precision="int8")` runs it. Whether int8 may be the default is
+bench/int8.py's question (docs/experiments.md, sections 29, 31 and 39: not yet).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -125,7 +124,5 @@ def add_int8(folder: Path, data_root: Path) -> Path:
         "sha256": model_folder._sha256(card.folder / INT8_FILE),
         "calibration": f"{len(images)} training images (validation carved out), per-channel QDQ, 7-bit weights",
     }
-    tmp_meta = card.folder / f".{model_folder.META_FILE}.tmp"
-    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp_meta, card.folder / model_folder.META_FILE)
+    model_folder.write_meta(card.folder, meta)
     return card.folder / INT8_FILE
