@@ -60,9 +60,7 @@ def main() -> None:
             "date": datetime.date.today().isoformat(),
             "command": f"python tools/external_check.py --films {args.films} FOLDER",
         }
-        meta = json.loads((model.folder / model_folder.META_FILE).read_text())
-        meta[model_folder.EXTERNAL_KEY] = record
-        model_folder.write_meta(model.folder, meta)
+        model_folder.write_meta(model.folder, {**model.meta, model_folder.EXTERNAL_KEY: record})
         print(f"{folder}: {json.dumps({k: record[k] for k in ('recognised', 'domain', 'labels')})}")
 
 

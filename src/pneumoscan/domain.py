@@ -15,6 +15,7 @@ sections 26 and 27).
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -75,11 +76,7 @@ def external_summary(results: list, no_finding: set[str] = frozenset()) -> dict:
     """
 
     def labels(rs: list) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for r in rs:
-            if r.label is not None:
-                out[r.label] = out.get(r.label, 0) + 1
-        return dict(sorted(out.items()))
+        return dict(sorted(Counter(r.label for r in rs if r.label is not None).items()))
 
     scored = [r for r in results if r.error is None]
     tiers = {tier: sum(r.domain == tier for r in scored) for tier in DOMAINS}

@@ -13,7 +13,6 @@ bench/int8.py's question (docs/experiments.md, sections 29, 31 and 39: not yet).
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -118,11 +117,11 @@ def add_int8(folder: Path, data_root: Path) -> Path:
         quantized = onnx.load(str(out))
         store_exact_fp16(quantized)  # what stays fp32 came from fp16 weights: half the bytes
         onnx.save(quantized, str(card.folder / INT8_FILE))
-    meta = json.loads((card.folder / model_folder.META_FILE).read_text())
-    meta[INT8_KEY] = {
+    entry = {
         "file": INT8_FILE,
         "sha256": model_folder._sha256(card.folder / INT8_FILE),
-        "calibration": f"{len(images)} training images (validation carved out), per-channel QDQ, 7-bit weights",
+        "calibration": f"{len(images)} training images (validation carved out), "
+        "per-channel QDQ, 7-bit weights",
     }
-    model_folder.write_meta(card.folder, meta)
+    model_folder.write_meta(card.folder, {**card.meta, INT8_KEY: entry})  # card.meta: model.json
     return card.folder / INT8_FILE
