@@ -57,12 +57,12 @@ dicom-tools:
 	elif [ -n "$$missing" ]; then echo "missing:$$missing; the DICOM network tests will be skipped"; fi
 
 lint: $(BIN)/pneumoscan
-	$(BIN)/ruff check src tests bench tools
-	$(BIN)/ruff format --check src tests bench tools
+	$(BIN)/ruff check src tests bench experiments tools
+	$(BIN)/ruff format --check src tests bench experiments tools
 
 format: $(BIN)/pneumoscan
-	$(BIN)/ruff format src tests bench tools
-	$(BIN)/ruff check --fix src tests bench tools
+	$(BIN)/ruff format src tests bench experiments tools
+	$(BIN)/ruff check --fix src tests bench experiments tools
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

@@ -1,6 +1,7 @@
-"""How far a model's answer moves with the framing: median logits on validation, per ratio.
+"""docs/experiments.md sections 17-18: how far a model's answer moves with the framing,
+median logits on validation, per ratio.
 
-    python bench/aspect.py --data DIR [--model ensemble] [--ratios 0.8,0.9,1,1.1,1.25] [--zoom]
+    python experiments/aspect.py --data DIR [--model ensemble] [--ratios 0.8,0.9,1,1.1,1.25] [--zoom]
 
 Each validation image (carved from train as the model's own training carved it) is warped so
 that the anatomy is r times taller than wide at the same area, or with `--zoom` r times larger

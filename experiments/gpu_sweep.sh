@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU sweep of docs/experiments.md section 14 (validation only; the test split is not read):
+# docs/experiments.md section 14: the GPU sweep (validation only; the test split is not read):
 # full fine-tuning of the `transfer` base with layer-wise learning rates, and EMA weights, against
 # the shipped `transfer` recipe trained in the same run. Three seeds each; each seed is also paired
 # with the equalised `cnn` of the same seed, as the shipped `ensemble` pairs them.
 #
-#   bash bench/gpu_sweep.sh DATA CNN_RUNS OUT [SEEDS] [EXTRA_SET...]
+#   bash experiments/gpu_sweep.sh DATA CNN_RUNS OUT [SEEDS] [EXTRA_SET...]
 #
-# DATA holds train/{NORMAL,PNEUMONIA}; CNN_RUNS holds cnn-s0, cnn-s1... (bench/ensembles.py's
+# DATA holds train/{NORMAL,PNEUMONIA}; CNN_RUNS holds cnn-s0, cnn-s1... (experiments/ensembles.py's
 # layout); OUT gets sweep.log (everything), results.jsonl (ensembles.py's rows, one "variant" key
 # added), runs.jsonl (per run: validation AUC, best epoch, wall time) and, for the fine-tuned
 # variants, each seed-0 model (weights, guard, model.json) as VARIANT-s0.tgz.

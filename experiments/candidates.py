@@ -1,8 +1,9 @@
-"""Build a candidate model as it would ship: fp16 weights, guard, calibration and both points
-fitted again on validation (as tools/bundle_models.py does for the bundled models).
+"""docs/experiments.md sections 34, 36 and 37: build a candidate model as it would ship: fp16
+weights, guard, calibration and both points fitted again on validation (as
+tools/bundle_models.py does for the bundled models).
 
-    python bench/candidates.py join DATA_DIR OUT SEED_FOLDER...
-    python bench/candidates.py member DATA_DIR OUT MEMBER_FOLDER [--default ensemble] [--at 0]
+    python experiments/candidates.py join DATA_DIR OUT SEED_FOLDER...
+    python experiments/candidates.py member DATA_DIR OUT MEMBER_FOLDER [--default ensemble] [--at 0]
 
 `join`: the seeds joined (`pneumoscan join`), named `cnn` (docs/experiments.md sections 34 and
 36: C3x3, C5). `member`: the default with its member `--at` replaced by the model in

@@ -1,6 +1,7 @@
-"""Seed and family ensembles, judged on validation only (test with --test, once, afterwards).
+"""docs/experiments.md sections 7-11 and 13-25: seed and family ensembles, judged on validation
+only (test with --test, once, afterwards).
 
-    python bench/ensembles.py --data DIR --runs runs/seeds [--families cnn,transfer=runs/eq]
+    python experiments/ensembles.py --data DIR --runs runs/seeds [--families cnn,transfer=runs/eq]
         [--seeds 0,1,2] [--set model_args.equalize=true ...]
 
 Trains each family's bundled recipe once per seed (a run already in RUNS/FAMILY-sSEED is reused),
@@ -28,17 +29,22 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 from datetime import date
 from pathlib import Path
 
 import numpy as np
-import record
 import torch
 import torch.nn.functional as F
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import record  # bench/record.py; the rows go to experiments/results, not bench's
+
 from pneumoscan import data, metrics, model_folder, train
 from pneumoscan.config import TrainConfig, load_config, saved_config
+
+RESULTS = Path(__file__).parent / "results"
 
 
 def specificity_at_sensitivity(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
@@ -211,7 +217,7 @@ def main() -> None:
         rows.append(row)
     for row in rows:
         print(json.dumps(row), flush=True)
-    record.append("cpu_ensembles.jsonl", rows)
+    record.append("cpu_ensembles.jsonl", rows, RESULTS)
 
 
 def _row(name, members, split, labels, auc, spec, args) -> dict:

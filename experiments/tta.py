@@ -1,6 +1,7 @@
-"""Test-time augmentation, judged on validation: each model's mean logit over fixed views.
+"""docs/experiments.md section 10: test-time augmentation, judged on validation, each model's
+mean logit over fixed views.
 
-    python bench/tta.py --data DIR --family cnn=runs/eq/cnn-s0,runs/eq/cnn-s1,runs/eq/cnn-s2
+    python experiments/tta.py --data DIR --family cnn=runs/eq/cnn-s0,runs/eq/cnn-s1,runs/eq/cnn-s2
         --family transfer=runs/seeds/transfer-s0,... [--test]
 
 The views are the training augmentation's own moves, fixed: shifts by 4% of the image
@@ -19,10 +20,9 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-import record
 import torch
 import torch.nn.functional as F
-from ensembles import scored_split, specificity_at_sensitivity
+from ensembles import RESULTS, record, scored_split, specificity_at_sensitivity
 
 from pneumoscan import metrics, model_folder, runtime
 from pneumoscan.join import split_of
@@ -103,7 +103,7 @@ def main() -> None:
             )
     for row in rows:
         print(json.dumps(row), flush=True)
-    record.append("cpu_tta.jsonl", rows)
+    record.append("cpu_tta.jsonl", rows, RESULTS)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Validation-only sweep: train variants of a config over seeds, report validation AUC and loss.
+"""docs/experiments.md sections 1 and 3: a validation-only sweep, training variants of a config
+over seeds and reporting validation AUC and loss.
 
-    python bench/sweep.py --data DIR --model transfer --vary model_args.trainable_blocks=0,1,2 --seeds 0,1,2
+    python experiments/sweep.py --data DIR --model transfer --vary model_args.trainable_blocks=0,1,2 --seeds 0,1,2
 
 The test split is never read here: choices between recipes are made on these numbers.
 `noise_dp_*` is the change of probability on validation images when faint noise (1 grey
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from ensembles import recipe  # bench/ is the script's folder, so on its path
+from ensembles import recipe  # experiments/ is the script's folder, so on its path
 
 from pneumoscan import data, train
 
