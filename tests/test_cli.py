@@ -121,17 +121,15 @@ def test_benchmark_writes_table_plots_and_report(small_data: Path, tmp_path: Pat
     assert page.count("data:image/png;base64,") == 5 and "<table>" in page
 
 
-def test_heatmaps_on_the_onnx_backend_are_refused_before_anything_is_written(
+def test_heatmaps_of_a_model_without_maps_are_refused_before_anything_is_written(
     xray_files: list[Path], tmp_path: Path
 ) -> None:
     """The library owns the check (`ModelCard.check_heatmaps`); the CLI only reports it."""
     heatmaps = tmp_path / "heatmaps"
     code, stdout, stderr = run(
-        "predict", str(xray_files[0]), "--backend", "onnx", "--heatmaps", str(heatmaps)
+        "predict", str(xray_files[0]), "--model", "dense", "--heatmaps", str(heatmaps)
     )
-    assert (
-        code == 1
-        and stderr
-        == "error: heatmaps need the torch backend (--backend torch): Grad-CAM runs in torch\n"
+    assert code == 1 and stderr == (
+        "error: heatmaps need a convolutional model (cnn or transfer); dense has no spatial layer\n"
     )
     assert stdout == "" and not heatmaps.exists()

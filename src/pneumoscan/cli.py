@@ -11,6 +11,7 @@ import typer
 
 from pneumoscan import DEFAULT_MODEL
 from pneumoscan.errors import PneumoscanError
+from pneumoscan.extras import require_train
 
 app = typer.Typer(
     help="Pneumonia detection in chest X-rays: screen images, serve a web app, run a DICOM node, "
@@ -93,6 +94,7 @@ def train(
 ) -> None:
     """Train a model, or several and join them; validation is carved from train by patient,
     test is never read."""
+    require_train("pneumoscan train")
     from pneumoscan import train as training
     from pneumoscan.config import PLANS, load_plan
     from pneumoscan.join import train_plan
@@ -147,6 +149,7 @@ def join(
     force: bool = typer.Option(False, "--force", help="Overwrite a model already in OUT."),
 ) -> None:
     """Join trained models into one (their mean logit); refit its thresholds on validation."""
+    require_train("pneumoscan join")
     from pneumoscan.join import join_models
 
     joined = join_models(folders, data, out, name, force)
@@ -208,10 +211,10 @@ def evaluate(
     ),
 ) -> None:
     """Score models on a split at their operating points (fixed on validation beforehand)."""
-    from pneumoscan import model_folder, report
+    from pneumoscan import report, runtime
     from pneumoscan.evaluate import evaluate as run
 
-    models = [model_folder.load(m) for m in model]
+    models = [runtime.load(m) for m in model]
     results = [run(m, data, split) for m in models]
     if as_json:
         payload = [r.to_dict() for r in results]
@@ -237,6 +240,7 @@ def benchmark(
     force: bool = typer.Option(False, "--force", help="Overwrite models already in OUT."),
 ) -> None:
     """Train and evaluate the models; write results.md, PNG plots and report.html to OUT."""
+    require_train("pneumoscan benchmark")
     from pneumoscan import report
     from pneumoscan import train as training
     from pneumoscan.config import load_config
@@ -272,7 +276,7 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON list, one object per file."),
     csv_file: Path | None = typer.Option(None, "--csv", help="Write the results to this CSV file."),
     heatmaps: Path | None = typer.Option(
-        None, "--heatmaps", help="Write a Grad-CAM overlay PNG per image here."
+        None, "--heatmaps", help="Write a heatmap overlay PNG per image here (Grad-CAM)."
     ),
     sort: bool = typer.Option(
         False, "--sort", help="Order by probability, highest first (a triage list)."
@@ -280,7 +284,7 @@ def predict(
     backend: str = typer.Option(
         "auto",
         "--backend",
-        help="onnx (ONNX Runtime, fastest on CPU), torch, or auto: onnx unless --heatmaps.",
+        help="onnx (ONNX Runtime, fastest on CPU), torch (needs pneumoscan[train]), or auto: onnx.",
     ),
     shard: str | None = typer.Option(
         None, "--shard", help="Score only part I of N of the files (I/N), to split a batch."
@@ -378,18 +382,17 @@ def _files_to_screen(paths: list[Path], shard: str | None) -> list[Path]:
 
 
 def _screening_model(model: str, backend: str, heatmaps: bool, precision: str):
-    """ONNX Runtime unless torch is asked for, or needed for heatmaps."""
-    from pneumoscan import model_folder
-
-    if backend == "torch" or (backend == "auto" and heatmaps):
+    """ONNX Runtime, heatmaps included, unless torch is asked for."""
+    if backend == "torch":
         if precision != "fp32":
-            raise PneumoscanError(
-                "--precision int8 runs on ONNX Runtime: not with torch/--heatmaps"
-            )
+            raise PneumoscanError("--precision int8 runs on ONNX Runtime: not with --backend torch")
+        require_train("--backend torch")
+        from pneumoscan import model_folder
+
         return model_folder.load(model)
     from pneumoscan import runtime
 
-    return runtime.load(model, precision=precision)
+    return runtime.load(model, precision=precision, maps=heatmaps)
 
 
 def _summary(results: list, what: str) -> str:
@@ -436,6 +439,7 @@ def export(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
     """Export a model (classifier and not-a-chest-X-ray guard) to ONNX."""
+    require_train("pneumoscan export")
     from pneumoscan import model_folder
     from pneumoscan.export import export_onnx
 
@@ -445,7 +449,9 @@ def export(
     export_onnx(loaded.scorer, loaded.input_size, onnx)
     typer.echo(
         f"wrote {onnx}: input 'image' (N, 1, {loaded.input_size}, {loaded.input_size}) float in [0, 1]; "
-        "outputs 'logit' and 'ood_score'; calibration and thresholds are in the model's model.json"
+        "outputs 'logit', 'ood_score'"
+        + (" and 'cam' (class activation maps)" if loaded.has_maps else "")
+        + "; calibration and thresholds are in the model's model.json"
     )
 
 

@@ -173,9 +173,12 @@ class Node:
         self.model = runtime.load(config.model, precision=config.precision)
         self.threshold = self.model.threshold(config.mode)
         self.reporter = dicom_report.Reporter(self.model, config.outputs, config.uid_root)
-        self.explainer = None
-        if "sc" in config.outputs:
-            self.explainer = _explainer(config.model)
+        self.heatmaps = "sc" in config.outputs
+        if self.heatmaps:
+            try:
+                self.model.check_heatmaps()
+            except PneumoscanError as exc:
+                raise PneumoscanError(f"--outputs sc: {exc}; or use --outputs sr") from None
         self.work: queue.Queue[str | None] = queue.Queue()
         self.wake = threading.Event()  # new results to forward
         self.stopping = threading.Event()
@@ -272,8 +275,7 @@ class Node:
             [(f"instance {key}", data) for key, _, data in batch],
             self.config.mode,
             workers=1,
-            explain=self.explainer is not None,
-            explainer=self.explainer,
+            explain=self.heatmaps,
         )
         for (key, source, _), result in zip(batch, results, strict=True):
             if result.error is not None:
@@ -451,18 +453,6 @@ def serve(config: NodeConfig, say) -> None:
 def _peer(event) -> str:
     requestor = event.assoc.requestor
     return f"{requestor.ae_title}@{requestor.address}"
-
-
-def _explainer(model: str):
-    """The torch twin that draws the SC's heatmap; refused at start-up if it cannot draw one."""
-    from pneumoscan import model_folder
-
-    loaded = model_folder.load(model)
-    try:
-        loaded.check_heatmaps()
-    except PneumoscanError as exc:
-        raise PneumoscanError(f"--outputs sc: {exc}; or use --outputs sr") from None
-    return loaded
 
 
 def _server_tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:

@@ -36,6 +36,7 @@ def export_onnx(
     import torch
 
     scorer = scorer.eval().to(memory_format=torch.contiguous_format)
+    outputs = ["logit", "ood_score"] + (["cam"] if getattr(scorer, "with_map", False) else [])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with warnings.catch_warnings():
@@ -45,8 +46,8 @@ def export_onnx(
             (torch.zeros(2, 1, input_size, input_size),),
             str(tmp),
             input_names=["image"],
-            output_names=["logit", "ood_score"],
-            dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}, "ood_score": {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in ["image", *outputs]},
             opset_version=OPSET,
             dynamo=False,
             # Folding BatchNorm into the convolutions would change weights that fp16 holds

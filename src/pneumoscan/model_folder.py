@@ -37,7 +37,7 @@ ONNX_FILE = "model.onnx"
 INT8_FILE, INT8_KEY = "model.int8.onnx", "onnx_int8"  # quantize.add_int8 writes it
 EXTERNAL_KEY = "external_check"  # tools/external_check.py writes it (domain.external_summary)
 META_FILE = "model.json"
-# Grad-CAM needs a spatial layer before the global pooling: every architecture but `dense`.
+# Heatmaps need a spatial layer before the global pooling: every architecture but `dense`.
 SPATIAL_ARCHITECTURES = ("cnn", "transfer")
 
 
@@ -118,49 +118,81 @@ class ModelCard:
         """Calibrated probabilities of PNEUMONIA of uint8 images shaped (N, S, S)."""
         return self.calibrate(self.raw_scores(images, batch_size)[0])
 
-    def raw_scores(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-        """Logits and guard distances of uint8 images shaped (N, S, S), in batches."""
-        logits, distances = [], []
+    def raw_scores(
+        self, images: np.ndarray, batch_size: int = 64, maps: bool = False
+    ) -> tuple[np.ndarray, ...]:
+        """Logits and guard distances of uint8 images shaped (N, S, S), in batches; with `maps`,
+        also each image's class activation map (N, S, S), signed, in logit units."""
+        outputs: list[list[np.ndarray]] = [[], [], []] if maps else [[], []]
         for start in range(0, len(images), batch_size):
-            z, d = self.run(preprocess.unit_range(images[start : start + batch_size]))
-            logits.append(z)
-            distances.append(d)
-        if not logits:
-            return np.zeros(0, np.float32), np.zeros(0, np.float32)
-        return np.concatenate(logits), np.concatenate(distances)
+            batch = self.run(preprocess.unit_range(images[start : start + batch_size]), maps)
+            for collected, part in zip(outputs, batch, strict=True):
+                collected.append(part)
+        if not outputs[0]:
+            size = self.input_size
+            empty = (np.zeros(0, np.float32), np.zeros(0, np.float32))
+            return (*empty, np.zeros((0, size, size), np.float32)) if maps else empty
+        return tuple(np.concatenate(parts) for parts in outputs)
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One batch in [0, 1] shaped (N, 1, S, S) -> logits, guard distances: the backend's part."""
+    def run(self, x: np.ndarray, maps: bool = False) -> tuple[np.ndarray, ...]:
+        """One batch in [0, 1] shaped (N, 1, S, S) -> logits, guard distances (and with `maps`
+        the class activation maps): the backend's part."""
         raise NotImplementedError
 
-    def check_heatmaps(self) -> None:
-        """Refuse heatmaps where they cannot be drawn: Grad-CAM needs torch and a spatial layer."""
-        if not isinstance(self, LoadedModel):
+    @property
+    def has_maps(self) -> bool:
+        """Whether this model draws heatmaps: its graph gives class activation maps."""
+        raise NotImplementedError
+
+    def heatmap(self, image: np.ndarray, label: str | None = None) -> np.ndarray:
+        """Where this model found its evidence for `label` (default PNEUMONIA) in one model-ready
+        uint8 image (S, S): float32 (S, S) in [0, 1] (explain.heatmap)."""
+        from pneumoscan import explain
+
+        self.check_heatmaps()
+        size = self.input_size
+        if image.shape != (size, size):
             raise PneumoscanError(
-                "heatmaps need the torch backend (--backend torch): Grad-CAM runs in torch"
+                f"heatmap: image is {'x'.join(map(str, image.shape))}, the model needs "
+                f"{size}x{size} (read it with pneumoscan.read_image(path, size={size}))"
             )
+        cam = self.raw_scores(image[None], maps=True)[2][0]
+        return explain.heatmap(cam, label in (None, self.class_names[1]))
+
+    def check_heatmaps(self) -> None:
+        """Refuse heatmaps where they cannot be drawn: a network without spatial layers."""
+        if self.has_maps:
+            return
         flat = next((a for a, _ in parts(self.meta) if a not in SPATIAL_ARCHITECTURES), None)
         if flat is not None:
             raise PneumoscanError(
                 f"heatmaps need a convolutional model (cnn or transfer); {flat} has no spatial layer"
             )
+        raise PneumoscanError(
+            f"{self.folder}: its graph has no heatmap output (saved by an older pneumoscan); "
+            "re-save it with pneumoscan[train] installed to draw heatmaps"
+        )
 
 
 @dataclass
 class LoadedModel(ModelCard):
-    """A model card with its torch network: for training, Grad-CAM and GPUs."""
+    """A model card with its torch network: for training, fine-tuning and GPUs."""
 
     network: Classifier
     scorer: Scorer
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, x: np.ndarray, maps: bool = False) -> tuple[np.ndarray, ...]:
         import torch
 
         self.scorer.eval()
         with torch.no_grad():
             batch = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
-            z, d = self.scorer(batch)
-        return z.float().numpy(), d.float().numpy()
+            outputs = self.scorer(batch)
+        return tuple(o.float().numpy() for o in outputs[: 3 if maps else 2])
+
+    @property
+    def has_maps(self) -> bool:
+        return self.scorer.with_map
 
 
 def save(
@@ -266,6 +298,9 @@ def read_card(model: str | Path) -> ModelCard:
 
 def load(model: str | Path) -> LoadedModel:
     """Load a bundled model by name (`dense`, `cnn`, `transfer`) or a model folder, in torch."""
+    from pneumoscan.extras import require_train
+
+    require_train("a model in PyTorch")
     import torch
 
     from pneumoscan.guard import Guard

@@ -26,8 +26,7 @@ class Classifier(nn.Module):
     """A frozen trunk followed by a trainable head.
 
     With `views` (`ZoomViews`), scoring (eval mode) averages the logits of each image's zoomed
-    views: test-time augmentation. Training, and Grad-CAM (which calls trunk and head itself),
-    see the plain image.
+    views: test-time augmentation. Training, and the class activation map, see the plain image.
     """
 
     def __init__(self, trunk: nn.Module, head: nn.Module, views: ZoomViews | None = None):
@@ -42,10 +41,20 @@ class Classifier(nn.Module):
         logits = self.head(self.trunk(self.views(x)))
         return logits.view(len(self.views), -1).mean(0)  # the views are stacked view-major
 
-    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The frozen trunk's output (the guard's features, when they are the same) and logits."""
+    def score(
+        self, x: torch.Tensor, with_map: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The frozen trunk's output (the guard's features, when they are the same), the logits
+        and, `with_map`, the class activation map at the input's size (`activation_map`)."""
         features = self.trunk(x)
-        return features, self.head(features).squeeze(1)
+        if not with_map:
+            return features, self.forward(x) if self.views else self.head(features).squeeze(1), None
+        logits, cam = head_logits_and_map(self.head, features)
+        if (
+            self.views is not None
+        ):  # the logits average the zoomed views; the map is the plain image's
+            logits = self.forward(x)
+        return features, logits.reshape(-1), upsample(cam, x.shape[-1])
 
     @property
     def members(self) -> list[Classifier]:
@@ -54,6 +63,13 @@ class Classifier(nn.Module):
     @property
     def has_frozen_trunk(self) -> bool:
         return any(True for _ in self.trunk.parameters())
+
+    @property
+    def has_map(self) -> bool:
+        """Whether the head ends in global average pooling and a linear layer (see
+        `activation_map`): every network but `dense`."""
+        heads = self.head.heads if isinstance(self.head, MeanOfHeads) else [self.head]
+        return all(_spatial_end(h) is not None for h in heads)
 
     def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
@@ -117,26 +133,27 @@ class Mixture(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([member(x) for member in self.members]).mean(0)
 
-    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sharing = self._sharing()
-        logits = []
-        for member in self.members:
-            if member is sharing:
-                features, z = member.features_and_logits(x)
-            else:
-                z = member(x)
-            logits.append(z)
-        return features, torch.stack(logits).mean(0)
+    def score(
+        self, x: torch.Tensor, with_map: bool = False
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """As `Classifier.score`: the features of the member whose trunk is the guard's (None
+        if none is), the mean logit and the mean of the members' maps, weighted as the logits."""
+        outputs = [member.score(x, with_map) for member in self.members]
+        features = outputs[self.shared][0] if self.shared is not None else None
+        logits = torch.stack([z for _, z, _ in outputs]).mean(0)
+        cam = torch.stack([m for _, _, m in outputs]).mean(0) if with_map else None
+        return features, logits, cam
+
+    @property
+    def has_map(self) -> bool:
+        return all(member.has_map for member in self.members)
 
     @property
     def trunk(self) -> nn.Module:
         """The frozen trunk shared with the guard."""
-        return self._sharing().trunk
-
-    def _sharing(self) -> Classifier:
         if self.shared is None:
             raise ValueError("no member of this mixture shares the guard's trunk")
-        return self.members[self.shared]
+        return self.members[self.shared].trunk
 
 
 def mixture(
@@ -168,6 +185,55 @@ def heads_on_one_trunk(members: list[Classifier]) -> Classifier:
 def _on_first_trunk(members: list[Classifier]) -> Classifier:
     """The first member's trunk (and zoom views) under every member's head."""
     return Classifier(members[0].trunk, MeanOfHeads([m.head for m in members]), members[0].views)
+
+
+def _spatial_end(head: nn.Module) -> int | None:
+    """Index of a head's last spatial activation, the one feeding its global average pooling
+    (max-pooling layers just before it skipped: they only halve the map's resolution); None
+    unless the head ends in that pooling, a flatten, dropout and one linear unit."""
+    layers = list(head) if isinstance(head, nn.Sequential) else []
+    pools = [i for i, m in enumerate(layers) if isinstance(m, nn.AdaptiveAvgPool2d)]
+    if not pools or not isinstance(layers[-1], nn.Linear) or layers[-1].out_features != 1:
+        return None
+    if not all(isinstance(m, nn.Flatten | nn.Dropout) for m in layers[pools[-1] + 1 : -1]):
+        return None
+    index = pools[-1] - 1
+    while index > 0 and isinstance(layers[index], nn.MaxPool2d):
+        index -= 1
+    return index
+
+
+def head_logits_and_map(
+    head: nn.Module, features: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A head's logits (N, 1) and its class activation map (N, h, w), in one pass.
+
+    For a head that ends in global average pooling and a linear unit, Grad-CAM of its last
+    spatial activation A is exactly the map sum_k w_k A_k, up to its scale: the gradient of the
+    logit with respect to A_k is w_k over the map's area at every position (max-pooling routes
+    one position per window, which sums to the same). The map is kept signed, in logit units:
+    its mean over the image is the logit less the bias, so the evidence for NORMAL is its
+    negation, and maps of several heads add with the weights of their logits.
+    """
+    if isinstance(head, MeanOfHeads):
+        outputs = [head_logits_and_map(h, features) for h in head.heads]
+        return (
+            torch.stack([z for z, _ in outputs]).mean(0),
+            torch.stack([m for _, m in outputs]).mean(0),
+        )
+    end = _spatial_end(head)
+    if end is None:
+        raise PneumoscanError("maps need a head that ends in global average pooling")
+    activation = head[: end + 1](features)
+    logits = head[end + 1 :](activation)
+    return logits, torch.einsum("nchw,c->nhw", activation, head[-1].weight[0])
+
+
+def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, h, w) maps -> (N, size, size), bilinear (half-pixel centres, as OpenCV resizes)."""
+    return F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[
+        :, 0
+    ]
 
 
 def equalize(x: torch.Tensor, dark: float = 0.0, bright: float = 0.0) -> torch.Tensor:
@@ -341,7 +407,8 @@ def imagenet_trunk(stages: int, **prepare) -> nn.Sequential:
 
 
 class Scorer(nn.Module):
-    """Images in [0, 1] -> (logits, out-of-distribution distances): what every backend runs."""
+    """Images in [0, 1] -> logits, out-of-distribution distances and, for a network with
+    spatial layers, its class activation maps at the input's size: what every backend runs."""
 
     def __init__(
         self,
@@ -353,19 +420,19 @@ class Scorer(nn.Module):
         super().__init__()
         self.network = network
         self.guard = ood
+        self.with_map = network.has_map
         # The transfer model's frozen trunk is the guard's feature extractor: run it once.
         self.guard_trunk = None
         if ood is not None and not shares_trunk:
             self.guard_trunk = imagenet_trunk(FROZEN_STAGES, **(guard_input or {}))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features, logits, cam = self.network.score(x, self.with_map)
         if self.guard is None:
-            logits = self.network(x)
-            return logits, torch.zeros_like(logits)
-        if self.guard_trunk is None:
-            features, logits = self.network.features_and_logits(x)
-            return logits, self.guard(features)
-        return self.network(x), self.guard(self.guard_trunk(x))
+            distances = torch.zeros_like(logits)
+        else:
+            distances = self.guard(features if self.guard_trunk is None else self.guard_trunk(x))
+        return (logits, distances, cam) if self.with_map else (logits, distances)
 
 
 def shares_guard_trunk(architecture: str, model_args: dict, guard_input: dict) -> bool:

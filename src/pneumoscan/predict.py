@@ -19,7 +19,7 @@ import numpy as np
 from pneumoscan import domain, reader
 from pneumoscan.data import is_image_file
 from pneumoscan.errors import ImageReadError, PneumoscanError
-from pneumoscan.model_folder import LoadedModel, ModelCard
+from pneumoscan.model_folder import ModelCard
 
 FIELDS = (
     "file",
@@ -163,18 +163,15 @@ def predict(
     workers: int | None = None,
     heatmaps: Path | None = None,
     explain: bool = False,
-    explainer: LoadedModel | None = None,
 ) -> Iterator[Prediction]:
     """Score files (or in-memory uploads) in order, yielding each result once its batch is done.
 
-    `model` is a torch `LoadedModel` or an ONNX Runtime one (runtime.load). `explain` attaches a
-    Grad-CAM overlay PNG to each scored result; `heatmaps` also writes it there. Heatmaps need
-    torch: `model` itself, or `explainer`, its torch twin, while `model` scores.
+    `model` is an ONNX Runtime model (runtime.load) or a torch one (model_folder.load).
+    `explain` attaches a heatmap overlay PNG to each scored result; `heatmaps` also writes it
+    there. The heatmap comes from the class activation map the model gives with its logits.
     """
     threshold = model.threshold(mode)
-    writer = (
-        _HeatmapWriter(explainer or model, heatmaps) if heatmaps is not None or explain else None
-    )
+    writer = _HeatmapWriter(model, heatmaps) if heatmaps is not None or explain else None
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
         in_flight: deque[list[Future[Decoded]]] = deque()
@@ -203,12 +200,16 @@ def score_decoded(
 ) -> Iterator[Prediction]:
     """Results of one batch of decoded files, in order; also the Ray engine's scoring step."""
     good = [d for d in decoded if d.image is not None]
-    results = {}
+    results, maps = {}, {}
     if good:
-        logits, distances = model.raw_scores(np.stack([d.image for d in good]))
+        logits, distances, *cams = model.raw_scores(
+            np.stack([d.image for d in good]), maps=writer is not None
+        )
         probs = model.calibrate(logits)
         guarded = model.ood_threshold is not None
-        for d, p, dist in zip(good, probs, distances, strict=True):
+        for i, (d, p, dist) in enumerate(zip(good, probs, distances, strict=True)):
+            if cams:
+                maps[id(d)] = cams[0][i]
             tier = model.domain(float(dist))
             ood = tier == domain.NOT_CHEST_XRAY
             results[id(d)] = Prediction(
@@ -228,28 +229,29 @@ def score_decoded(
             continue
         result = results[id(d)]
         if writer is not None:
-            writer.write(d, result)
+            writer.write(d, result, maps[id(d)], model.class_names)
         yield result
 
 
 class _HeatmapWriter:
     """One overlay PNG per scored image; a file written never replaces one already there."""
 
-    def __init__(self, model: LoadedModel, folder: Path | None):
+    def __init__(self, model: ModelCard, folder: Path | None):
         model.check_heatmaps()
         if folder is not None:
             if folder.exists() and not folder.is_dir():
                 raise PneumoscanError(f"--heatmaps {folder}: exists and is not a folder")
             folder.mkdir(parents=True, exist_ok=True)
-        self.model = model
         self.folder = folder
 
-    def write(self, decoded: Decoded, result: Prediction) -> None:
+    def write(
+        self, decoded: Decoded, result: Prediction, cam: np.ndarray, class_names: list[str]
+    ) -> None:
         from pneumoscan import explain
 
-        cam = explain.heatmap(self.model, decoded.image, result.label)
+        evidence = explain.heatmap(cam, result.label in (None, class_names[1]))
         result.heatmap_png = explain.overlay_png(
-            decoded.original, cam, result.probability, result.label, result.threshold
+            decoded.original, evidence, result.probability, result.label, result.threshold
         )
         if self.folder is None:
             return

@@ -1,9 +1,10 @@
 """The fast path: a model's ONNX graph run by ONNX Runtime, with no torch import.
 
 Every model folder holds `model.onnx` (written by export.py): the same `Scorer` the torch
-backend runs, images in [0, 1] shaped (N, 1, S, S) in, logits and guard distances out.
-Calibration and thresholds stay in model.json. Only a folder saved before `model.onnx` was part
-of it needs torch, once, to export its graph into the cache.
+backend runs, images in [0, 1] shaped (N, 1, S, S) in; logits, guard distances and, for a
+network with spatial layers, class activation maps (`cam`, for heatmaps) out. Calibration and
+thresholds stay in model.json. Only a folder saved before `model.onnx` was part of it needs
+torch (pneumoscan[train]), once, to export its graph into the cache.
 """
 
 from __future__ import annotations
@@ -25,9 +26,13 @@ class OnnxModel(model_folder.ModelCard):
 
     session: Any
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        z, d = self.session.run(None, {"image": x})
-        return z, d
+    def run(self, x: np.ndarray, maps: bool = False) -> tuple[np.ndarray, ...]:
+        names = ["logit", "ood_score", "cam"] if maps else ["logit", "ood_score"]
+        return tuple(self.session.run(names, {"image": x}))
+
+    @property
+    def has_maps(self) -> bool:
+        return _gives_maps(self.session)
 
 
 PRECISIONS = ("fp32", "int8")
@@ -39,11 +44,14 @@ def load(
     threads: int | None = None,
     providers: list[str] | None = None,
     precision: str = DEFAULT_PRECISION,
+    maps: bool = False,
 ) -> OnnxModel:
     """A bundled model or model folder, ready to score with ONNX Runtime.
 
     `providers`: ONNX Runtime execution providers in order of preference (default: the CPU).
-    `precision`: fp32, or int8 (the folder's quantized graph, quantize.py).
+    `precision`: fp32, or int8 (the folder's quantized graph, quantize.py). `maps`: heatmaps
+    will be drawn; a folder whose graph predates its class activation maps gets a graph that
+    gives them, exported once into the cache (which needs torch).
     """
     card = model_folder.read_card(model)
     if precision not in PRECISIONS:
@@ -58,15 +66,32 @@ def load(
         path = card.file("onnx")
         for key in card.meta["onnx"].get("external", []):
             card.file(key)  # the graph reads its weights from these files: check them too
-    else:  # a folder saved before model.onnx was part of it: export once into the cache (torch)
-        key = card.meta["weights"]["sha256"][:16] + card.meta.get("ood", {}).get("sha256", "")[:8]
-        path = cache_dir() / "onnx" / f"{card.name}-{key}.onnx"
-        if not path.exists():
-            from pneumoscan.export import export_onnx
+    else:  # a folder saved before model.onnx was part of it
+        path = _exported(card)
+    graph = session(path, threads, providers)
+    if maps and precision == "fp32" and not _gives_maps(graph) and _spatial(card):
+        graph = session(_exported(card), threads, providers)
+    return OnnxModel(card.name, card.folder, card.meta, graph)
 
-            loaded = model_folder.load(model)
-            export_onnx(loaded.scorer, loaded.input_size, path)
-    return OnnxModel(card.name, card.folder, card.meta, session(path, threads, providers))
+
+def _gives_maps(graph: Any) -> bool:
+    return "cam" in {o.name for o in graph.get_outputs()}
+
+
+def _spatial(card: model_folder.ModelCard) -> bool:
+    return all(a in model_folder.SPATIAL_ARCHITECTURES for a, _ in model_folder.parts(card.meta))
+
+
+def _exported(card: model_folder.ModelCard) -> Path:
+    """The folder's graph as this pneumoscan exports it, once, into the cache (with torch)."""
+    key = card.meta["weights"]["sha256"][:16] + card.meta.get("ood", {}).get("sha256", "")[:8]
+    path = cache_dir() / "onnx" / f"{card.name}-{key}-maps.onnx"
+    if not path.exists():
+        from pneumoscan.export import export_onnx
+
+        loaded = model_folder.load(card.folder)  # needs torch (pneumoscan[train]); says so
+        export_onnx(loaded.scorer, loaded.input_size, path)
+    return path
 
 
 def session(path: Path, threads: int | None = None, providers: list[str] | None = None) -> Any:

@@ -1,16 +1,15 @@
 """The web app: a JSON API and a one-page screening tool over the same `predict` as the CLI.
 
-The model is loaded once, when the app is created, and scores with ONNX Runtime; its torch
-twin is loaded for the first heatmap asked for (Grad-CAM needs gradients). Uploads are read into
-memory and scored in a worker thread, one request at a time (a lock: Grad-CAM hooks into the
-network, and the cores are busy anyway); nothing from a request outlives its response.
+The model is loaded once, when the app is created, and scores with ONNX Runtime (heatmaps
+too: the graph gives each image's class activation map). Uploads are read into memory and
+scored in a worker thread, one request at a time (a lock: the cores are busy anyway); nothing
+from a request outlives its response.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import hmac
 import threading
 from importlib import resources
@@ -59,10 +58,7 @@ def create_app(
     A client that sends no part of its unfinished request body for `body_timeout` s gets a 408.
     With a `token`, every API call but health needs `Authorization: Bearer <token>`.
     """
-    loaded = runtime.load(
-        model, precision=precision
-    )  # scores with ONNX Runtime: fast, and no torch in memory
-    explainer = functools.cache(lambda: model_folder.load(model))  # torch: for the first heatmap
+    loaded = runtime.load(model, precision=precision)  # ONNX Runtime: fast, no torch in memory
     card = model_card(loaded, max_file_bytes, max_files)
     lock = threading.Lock()
     app = FastAPI(
@@ -79,8 +75,7 @@ def create_app(
 
     def score(sources: list[tuple[str, bytes]], mode: str, heatmap: bool) -> list[dict]:
         with lock:
-            scorer = explainer() if heatmap else loaded
-            results = list(screening.predict(scorer, sources, mode, explain=heatmap))
+            results = list(screening.predict(loaded, sources, mode, explain=heatmap))
         return [_result(r) for r in results]
 
     @app.post("/api/v1/predict")
@@ -89,7 +84,7 @@ def create_app(
         mode: Literal[POINTS] = Query(
             "detection", description="Operating point: detection (sensitive) or balanced."
         ),
-        heatmap: bool = Query(False, description="Attach a Grad-CAM overlay PNG (base64)."),
+        heatmap: bool = Query(False, description="Attach a heatmap overlay PNG (base64)."),
     ) -> dict:
         """Score each uploaded file; a file that is not a readable image gets an `error`."""
         try:
