@@ -22,7 +22,7 @@ import record
 from PIL import Image, ImageDraw
 
 from pneumoscan import data, domain, reader, runtime
-from pneumoscan.predict import expand_paths
+from pneumoscan.screening import expand_paths
 
 
 def packaged_non_xrays() -> list[tuple[str, np.ndarray]]:

@@ -3,7 +3,7 @@
     python bench/predict_scale.py --folder DIR [--files 10000] [--model transfer]
 
 The folder's images are cycled (through links in a temporary folder) until there are
---files paths; they stream through `predict.predict` exactly as `pneumoscan predict` does.
+--files paths; they stream through `screening.predict` exactly as `pneumoscan predict` does.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pneumoscan import DEFAULT_MODEL, predict, runtime
+from pneumoscan import DEFAULT_MODEL, runtime, screening
 
 
 def peak_rss_mib() -> float:
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     args = parser.parse_args()
-    sources = predict.expand_paths([args.folder])
+    sources = screening.expand_paths([args.folder])
     model = runtime.load(args.model)  # the CPU default, as `pneumoscan predict` runs it
     with tempfile.TemporaryDirectory() as tmp:
         links = []
@@ -38,7 +38,7 @@ def main() -> None:
             links.append(link)
         marks = {}
         start = time.perf_counter()
-        for i, result in enumerate(predict.predict(model, links), 1):
+        for i, result in enumerate(screening.predict(model, links), 1):
             assert result.error is None, result.error
             if i in (args.files // 10, args.files):
                 marks[i] = round(peak_rss_mib(), 1)

@@ -30,7 +30,7 @@ import record
 import torch
 from torch import nn
 
-from pneumoscan import model_folder, predict, runtime
+from pneumoscan import model_folder, runtime, screening
 from pneumoscan.export import export_onnx
 
 
@@ -98,16 +98,16 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
 
 
 def measure(model: model_folder.ModelCard, files: list[Path], args: argparse.Namespace) -> dict:
-    list(predict.predict(model, files[: args.batch_size * 2], batch_size=args.batch_size))
+    list(screening.predict(model, files[: args.batch_size * 2], batch_size=args.batch_size))
     rates = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        n = sum(1 for _ in predict.predict(model, files, batch_size=args.batch_size))
+        n = sum(1 for _ in screening.predict(model, files, batch_size=args.batch_size))
         rates.append(n / (time.perf_counter() - start))
     latencies = []
     for f in files[: args.latency_files]:
         start = time.perf_counter()
-        next(predict.predict(model, [f], batch_size=1, workers=1))
+        next(screening.predict(model, [f], batch_size=1, workers=1))
         latencies.append((time.perf_counter() - start) * 1000)
     return {
         "files": len(files),
@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
 
-    files = predict.expand_paths([args.folder])
+    files = screening.expand_paths([args.folder])
     peak = matmul_peak_gflops()
     print(f"matrix multiply peak (fp32, 2048^2, torch or ONNX Runtime): {peak:.1f} GFLOP/s")
     rows = []

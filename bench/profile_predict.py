@@ -8,7 +8,7 @@
    `score_decoded`), output (the CSV rows). Milliseconds per image.
 2. Inside the graph: ONNX Runtime's own profiler, node times summed by the part of the network
    they belong to (each member of the classifier, the guard's own stages, the guard's distance).
-3. The pipeline, file to result (`predict.predict`, as `pneumoscan predict` runs it), against
+3. The pipeline, file to result (`screening.predict`, as `pneumoscan predict` runs it), against
    the graph alone on the same batches: the graph runs on every core, so the pipeline can at
    best hide the other stages behind it. Variants in the same run: decode workers (1, 2, 4)
    and ONNX Runtime's spin-waiting threads on and off.
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import record
 
-from pneumoscan import model_folder, predict, preprocess, reader, report, runtime
+from pneumoscan import model_folder, preprocess, reader, report, runtime, screening
 
 
 @dataclass
@@ -64,14 +64,14 @@ class Answered:
 
 
 def stages(model: runtime.OnnxModel, files: list[Path], batch_size: int) -> Clock:
-    """Every stage of `predict.predict`, run alone and in order, over `files`."""
+    """Every stage of `screening.predict`, run alone and in order, over `files`."""
     clock = Clock()
     mode = "detection"
     threshold = model.threshold(mode)
     results = []
 
-    def rest(answered: Answered, decoded: list[predict.Decoded]) -> list[predict.Prediction]:
-        return list(predict.score_decoded(answered, decoded, mode, threshold))
+    def rest(answered: Answered, decoded: list[screening.Decoded]) -> list[screening.Prediction]:
+        return list(screening.score_decoded(answered, decoded, mode, threshold))
 
     for start in range(0, len(files), batch_size):
         decoded = []
@@ -79,7 +79,7 @@ def stages(model: runtime.OnnxModel, files: list[Path], batch_size: int) -> Cloc
             content = clock.time("read", path.read_bytes)
             original = clock.time("decode", reader.read_image, content, str(path))
             image = clock.time("resize", reader.resize, original, model.input_size)
-            decoded.append(predict.Decoded(str(path), path.stem, image))
+            decoded.append(screening.Decoded(str(path), path.stem, image))
         images = clock.time("batch", np.stack, [d.image for d in decoded])
         scores = clock.time("graph", model.raw_scores, images)
         answered = Answered(model, scores)
@@ -125,11 +125,11 @@ def part_of(node: str) -> str:
 def pipeline_rate(
     model: model_folder.ModelCard, files: list[Path], batch_size: int, workers: int, repeats: int
 ) -> float:
-    list(predict.predict(model, files[: batch_size * 2], batch_size=batch_size, workers=workers))
+    list(screening.predict(model, files[: batch_size * 2], batch_size=batch_size, workers=workers))
     rates = []
     for _ in range(repeats):
         start = time.perf_counter()
-        n = sum(1 for _ in predict.predict(model, files, batch_size=batch_size, workers=workers))
+        n = sum(1 for _ in screening.predict(model, files, batch_size=batch_size, workers=workers))
         rates.append(n / (time.perf_counter() - start))
     return statistics.median(rates)
 
@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--profile-rounds", type=int, default=10)
     args = parser.parse_args()
 
-    files = predict.expand_paths([args.folder])
+    files = screening.expand_paths([args.folder])
     model = runtime.load(args.model)
     stages(model, files[: args.batch_size * 2], args.batch_size)  # warm the caches
     clock = stages(model, files, args.batch_size)
@@ -167,7 +167,7 @@ def main() -> None:
 
     path = model.folder / model.meta["onnx"]["file"]
     x = preprocess.unit_range(
-        np.stack([predict.decode(f, model.input_size).image for f in files[: args.batch_size]])
+        np.stack([screening.decode(f, model.input_size).image for f in files[: args.batch_size]])
     )
     parts = graph_parts(path, x, args.profile_rounds)
     print("\n| part of the graph | share of node time |\n|---|---:|")

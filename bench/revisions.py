@@ -31,7 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = """
 import json, sys, time
 import pneumoscan
-from pneumoscan import predict, runtime
+from pneumoscan import runtime
+try:  # the module was pneumoscan.predict before the Python API took that name
+    from pneumoscan import screening as predict
+except ImportError:
+    from pneumoscan import predict
 files = predict.expand_paths([sys.argv[2]])
 model = runtime.load(sys.argv[1])
 list(predict.predict(model, files[:64]))

@@ -15,7 +15,7 @@ import pytest
 from helpers import dicom_bytes, dicom_dataset, serving
 
 from pneumoscan import reader, report
-from pneumoscan.predict import FIELDS
+from pneumoscan.screening import FIELDS
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

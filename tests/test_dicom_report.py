@@ -11,9 +11,8 @@ import pydicom
 import pytest
 from helpers import dicom_bytes, dicom_dataset, run_cli
 
-from pneumoscan import dicom_report, reader, runtime
-from pneumoscan import predict as screening
-from pneumoscan.predict import Prediction
+from pneumoscan import dicom_report, reader, runtime, screening
+from pneumoscan.screening import Prediction
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,7 @@ import pytest
 from helpers import run_cli
 from PIL import Image, ImageDraw
 
-from pneumoscan import domain, model_folder, reader, runtime
-from pneumoscan import predict as screening
+from pneumoscan import domain, model_folder, reader, runtime, screening
 
 EXTERNAL = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "external" / "figure1_covid_cxr"

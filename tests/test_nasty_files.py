@@ -24,7 +24,7 @@ from pydicom import uid
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 
-from pneumoscan import model_folder, predict, reader
+from pneumoscan import model_folder, reader, screening
 from pneumoscan.errors import ImageReadError
 
 SECONDS_PER_FILE = 5.0  # the slowest refusal (a deflate bomb, inflated to 200 MB) takes ~0.5 s
@@ -564,7 +564,7 @@ def test_one_batch_scores_the_good_and_reports_each_bad_in_order(
     files = [xray_files[0], *nasty[:half], xray_files[1], *nasty[half:], xray_files[2]]
     expected = {str(corpus[name]): case.expect for name, case in CASES.items()}
     expected |= {str(f): "scored" for f in xray_files[:3]}
-    results = list(predict.predict(model, files, batch_size=8))
+    results = list(screening.predict(model, files, batch_size=8))
     assert [r.file for r in results] == [str(f) for f in files]  # every file, in order
     for r in results:
         if expected[r.file] == "scored":

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumoscan import model_folder, predict, preprocess, quantize, runtime
+from pneumoscan import model_folder, preprocess, quantize, runtime, screening
 from pneumoscan.errors import PneumoscanError
 
 
@@ -30,7 +30,7 @@ def test_int8_graph_beside_the_fp32_one(
     assert path.parent == folder and path.stat().st_size < 4e6
     meta = json.loads((folder / "model.json").read_text())
     assert meta["onnx_int8"]["file"] == path.name and len(meta["onnx_int8"]["sha256"]) == 64
-    images = np.stack([predict.decode(f, 128).image for f in xray_files])
+    images = np.stack([screening.decode(f, 128).image for f in xray_files])
     fp32_model, int8_model = runtime.load(folder), runtime.load(folder, precision="int8")
     (fp32_logits, fp32_distances), (int8_logits, int8_distances) = (
         m.raw_scores(images) for m in (fp32_model, int8_model)
@@ -68,7 +68,7 @@ def test_shipped_int8_graph_runs_as_quantized_on_this_cpu(
 
     card = model_folder.read_card(name)
     x = preprocess.unit_range(
-        np.stack([predict.decode(f, card.input_size).image for f in xray_files])
+        np.stack([screening.decode(f, card.input_size).image for f in xray_files])
     )
 
     def probabilities(level: ort.GraphOptimizationLevel) -> np.ndarray:

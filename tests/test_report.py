@@ -5,7 +5,7 @@ import numpy as np
 
 from pneumoscan import metrics, report
 from pneumoscan.evaluate import Evaluation
-from pneumoscan.predict import FIELDS, Prediction
+from pneumoscan.screening import FIELDS, Prediction
 
 
 def _evaluation(name: str) -> Evaluation:

@@ -20,7 +20,7 @@ import datetime
 import json
 from pathlib import Path
 
-from pneumoscan import domain, model_folder, predict, runtime
+from pneumoscan import domain, model_folder, runtime, screening
 
 
 def no_finding(metadata: Path) -> set[str]:
@@ -47,11 +47,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     images = args.films / "images" if (args.films / "images").is_dir() else args.films
-    files = predict.expand_paths([images])
+    files = screening.expand_paths([images])
     clean = no_finding(args.films / "metadata.csv")
     for folder in args.folders:
         model = runtime.load(folder)
-        results = list(predict.predict(model, files, mode="detection"))
+        results = list(screening.predict(model, files, mode="detection"))
         record = {
             "films": args.describe,
             **domain.external_summary(results, clean),

@@ -36,7 +36,7 @@ class SiteData:
 
 def read_site(folder: Path, class_names: list[str], size: int) -> SiteData:
     """FOLDER/<CLASS>/ for each of the model's classes (any case, subfolders searched)."""
-    from pneumoscan.predict import scan_paths
+    from pneumoscan.screening import scan_paths
 
     if not folder.is_dir():
         raise PneumoscanError(f"--data {folder}: no such folder")

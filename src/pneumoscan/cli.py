@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+import pneumoscan
 from pneumoscan import DEFAULT_MODEL
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.extras import require_train
@@ -38,6 +39,14 @@ PRECISION_OPTION = typer.Option(
     "fp32",  # runtime.DEFAULT_PRECISION, not imported here: the CLI starts without onnxruntime
     "--precision",
     help="fp32, or int8: the model folder's quantized graph (faster; see docs/performance.md).",
+)
+
+
+EXAMPLE_NOTE = (
+    "the examples are test X-rays of Kermany et al. (CC BY 4.0; NOTICE beside them); for the "
+    "full study get the data set (Kaggle 'paultimothymooney/chest-xray-pneumonia', or Mendeley "
+    "doi:10.17632/rscbjbr9sj.2) and run `pneumoscan evaluate --data DIR` or "
+    "`PNEUMOSCAN_DATA=DIR make run`"
 )
 
 
@@ -268,11 +277,16 @@ def benchmark(
 
 @app.command()
 def predict(
-    paths: list[Path] = typer.Argument(
-        ..., help="Image files (JPEG, PNG, TIFF, DICOM) or folders, searched recursively."
+    paths: list[Path] | None = typer.Argument(
+        None, help="Image files (JPEG, PNG, TIFF, DICOM) or folders, searched recursively."
     ),
     model: str = MODEL_OPTION,
     mode: str = MODE_OPTION,
+    example: bool = typer.Option(
+        False,
+        "--example",
+        help="Screen the example X-rays that ship with pneumoscan (no data set needed).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON list, one object per file."),
     csv_file: Path | None = typer.Option(None, "--csv", help="Write the results to this CSV file."),
     heatmaps: Path | None = typer.Option(
@@ -315,10 +329,13 @@ def predict(
 ) -> None:
     """Screen image files. Exit code: 0 all files scored, 2 some files failed (the rest are still
     reported), 1 usage error. Images that do not look like chest X-rays get ood=true and no label."""
-    from pneumoscan import predict as screening
-    from pneumoscan import report
+    from pneumoscan import report, screening
+    from pneumoscan.data import examples
     from pneumoscan.metrics import POINTS
 
+    paths = [*(paths or []), *(examples() if example else [])]
+    if not paths:
+        raise PneumoscanError("give image files or folders to screen, or --example")
     if mode not in POINTS:
         raise PneumoscanError(f"--mode {mode!r}: choose one of {', '.join(POINTS)}")
     if engine not in ("plain", "ray"):
@@ -347,7 +364,7 @@ def predict(
 
         dicom_report.check_folder(dicom_out)
         reporter = dicom_report.Reporter(loaded, ("sr", "sc") if heatmaps is not None else ("sr",))
-    results = list(screening.predict(loaded, files, mode, heatmaps=heatmaps))
+    results = pneumoscan.predict(files, model=loaded, mode=mode, heatmaps=heatmaps or False)
     if sort:
         results.sort(key=screening.triage_order)
     if as_json:
@@ -364,13 +381,15 @@ def predict(
         )
     failed = sum(r.error is not None for r in results)
     _stderr(_summary(results, f"{loaded.name} model, {loaded.point_note(mode)}") + reports)
+    if example:
+        _stderr(EXAMPLE_NOTE)
     if failed:
         raise typer.Exit(2)
 
 
 def _files_to_screen(paths: list[Path], shard: str | None) -> list[Path]:
     """The files PATHS name (folders searched), part I/N of them with --shard."""
-    from pneumoscan import predict as screening
+    from pneumoscan import screening
 
     part = screening.parse_shard(shard) if shard is not None else slice(None)
     scan = screening.scan_paths(paths)

@@ -47,6 +47,15 @@ class Split:
         return Split([self.files[i] for i in index], self.labels[index], self.class_names)
 
 
+def examples() -> list[Path]:
+    """The example X-rays that ship in the package: three test images of each class of
+    Kermany et al. (CC BY 4.0; see the NOTICE beside them), and one of them as DICOM."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("pneumoscan") / "examples"))
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def patient_id(file_name: str) -> str:
     """The patient a file belongs to, from the data set's naming; unknown names stand alone."""
     for pattern in _PATIENT_PATTERNS:

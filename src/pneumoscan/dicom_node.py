@@ -253,7 +253,7 @@ class Node:
                 return
 
     def _score(self, keys: list[str]) -> None:
-        from pneumoscan import predict as screening
+        import pneumoscan
 
         batch = []  # (key, source header, bytes) of the images to score
         for key in keys:
@@ -270,12 +270,12 @@ class Node:
                 self.disk.put_results(key, [])
             else:
                 batch.append((key, source, data))
-        results = screening.predict(
-            self.model,
+        results = pneumoscan.predict(
             [(f"instance {key}", data) for key, _, data in batch],
-            self.config.mode,
+            model=self.model,
+            mode=self.config.mode,
+            heatmaps=self.heatmaps,
             workers=1,
-            explain=self.heatmaps,
         )
         for (key, source, _), result in zip(batch, results, strict=True):
             if result.error is not None:

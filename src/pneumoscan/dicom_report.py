@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from pydicom import Dataset
 
     from pneumoscan.model_folder import ModelCard
-    from pneumoscan.predict import Prediction
+    from pneumoscan.screening import Prediction
 
 MANUFACTURER = "pneumoscan"
 # pydicom's root, under which its users may make UIDs; an integrator passes their own.

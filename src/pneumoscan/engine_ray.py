@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pneumoscan import predict as screening
+from pneumoscan import screening
 from pneumoscan.errors import PneumoscanError
 
 BATCH_SIZE = 32  # the plain command's batch: the same graph runs on the same batches
@@ -34,7 +34,7 @@ ROWS_PER_PART = 10_000  # parquet: rows per part file, each written whole (a kil
 
 
 def _arrow_schema() -> Any:
-    """The output's columns: `predict.FIELDS`, typed from `Prediction`'s annotations."""
+    """The output's columns: `screening.FIELDS`, typed from `Prediction`'s annotations."""
     import pyarrow as pa
 
     types = {f.name: str(f.type) for f in fields(screening.Prediction)}

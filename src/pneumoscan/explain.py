@@ -16,6 +16,24 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pneumoscan.report import shown_probability
 
+# Matplotlib's "jet" colour map, (position, value) per channel as its segment data gives it, so
+# that the plain install draws the familiar Grad-CAM colours without matplotlib.
+_JET = {
+    "red": ((0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)),
+    "green": ((0.0, 0.0), (0.125, 0.0), (0.375, 1.0), (0.64, 1.0), (0.91, 0.0), (1.0, 0.0)),
+    "blue": ((0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)),
+}
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> RGB in [0, 1] (shape + (3,)), as matplotlib's 256-colour "jet"."""
+    levels = np.linspace(0.0, 1.0, 256)
+    table = np.stack(
+        [np.interp(levels, *zip(*_JET[c], strict=True)) for c in ("red", "green", "blue")], 1
+    )
+    index = np.clip((np.asarray(values, dtype=np.float64) * 256).astype(np.int64), 0, 255)
+    return table[index]
+
 
 def heatmap(cam: np.ndarray, positive: bool = True) -> np.ndarray:
     """The evidence in a class activation map: float32 (S, S) in [0, 1].
@@ -43,8 +61,6 @@ def overlay_png(
     `original` is the full-resolution greyscale image; `label` None means the image was not
     scored (not a chest X-ray).
     """
-    import matplotlib
-
     height, width = original.shape
     # Small images are enlarged too: at 224 pixels (the data set's size) a caption is unreadable.
     scale = max_side / max(height, width)
@@ -54,7 +70,7 @@ def overlay_png(
     )
     cam_image = Image.fromarray(np.asarray(cam, dtype=np.float32))
     cam_resized = np.clip(np.asarray(cam_image.resize(size, Image.Resampling.BILINEAR)), 0, 1)
-    colours = matplotlib.colormaps["jet"](cam_resized)[..., :3] * 255.0
+    colours = jet(cam_resized) * 255.0
     alpha = 0.4
     blended = (1 - alpha) * grey[..., None] + alpha * colours
     canvas = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))

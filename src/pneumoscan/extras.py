@@ -14,7 +14,14 @@ TRAIN_MODULES = ("torch", "torchvision", "timm", "safetensors", "onnx", "yaml")
 
 def missing_train_modules() -> list[str]:
     """The modules of pneumoscan[train] this environment lacks (found without importing them)."""
-    return [name for name in TRAIN_MODULES if importlib.util.find_spec(name) is None]
+    return [name for name in TRAIN_MODULES if not _findable(name)]
+
+
+def _findable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def require_train(what: str) -> None:

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan import data, model_folder, preprocess
-from pneumoscan import predict as screening
+from pneumoscan import data, model_folder, preprocess, screening
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.export import store_exact_fp16
 

@@ -98,7 +98,7 @@ def write_predictions_csv(results: list, path: Path) -> None:
     """One row per file with the same fields as the JSON output."""
     import csv
 
-    from pneumoscan.predict import FIELDS
+    from pneumoscan.screening import FIELDS
 
     extra = ("heatmap",) if any(r.heatmap for r in results) else ()
     with path.open("w", newline="") as handle:

@@ -24,8 +24,8 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pneumoscan import __version__, domain, model_folder, runtime
-from pneumoscan import predict as screening
+import pneumoscan
+from pneumoscan import __version__, domain, model_folder, runtime, screening
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.metrics import POINTS
 
@@ -75,7 +75,7 @@ def create_app(
 
     def score(sources: list[tuple[str, bytes]], mode: str, heatmap: bool) -> list[dict]:
         with lock:
-            results = list(screening.predict(loaded, sources, mode, explain=heatmap))
+            results = pneumoscan.predict(sources, model=loaded, mode=mode, heatmaps=heatmap)
         return [_result(r) for r in results]
 
     @app.post("/api/v1/predict")

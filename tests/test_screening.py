@@ -13,7 +13,7 @@ import pytest
 from helpers import dicom_bytes, dicom_dataset
 from PIL import Image, ImageDraw
 
-from pneumoscan import model_folder, predict, runtime
+from pneumoscan import model_folder, runtime, screening
 from pneumoscan.errors import PneumoscanError
 
 
@@ -69,9 +69,9 @@ def variants(
 def test_every_format_of_the_same_image_gives_the_same_probability(
     transfer: model_folder.LoadedModel, variants: dict[str, list[Path]]
 ) -> None:
-    reference = [r.probability for r in predict.predict(transfer, variants["jpeg"])]
+    reference = [r.probability for r in screening.predict(transfer, variants["jpeg"])]
     for name, files in variants.items():
-        results = list(predict.predict(transfer, files))
+        results = list(screening.predict(transfer, files))
         assert all(r.error is None and not r.ood for r in results), (name, results)
         probabilities = [r.probability for r in results]
         assert np.allclose(probabilities, reference, atol=0.02), (name, probabilities, reference)
@@ -124,7 +124,7 @@ def test_guard_flags_pictures_that_are_not_chest_xrays(
     shipped: model_folder.LoadedModel, tmp_path: Path
 ) -> None:
     files = _non_xrays(tmp_path)
-    results = list(predict.predict(shipped, files))
+    results = list(screening.predict(shipped, files))
     assert all(r.error is None for r in results), [r.error for r in results if r.error]
     flagged = [r for r in results if r.ood]
     missed = [Path(r.file).name for r in results if not r.ood]
@@ -137,7 +137,7 @@ def test_guard_passes_real_test_xrays(shipped: model_folder.LoadedModel, data_ro
         sorted((data_root / "test" / "NORMAL").iterdir())[::4]
         + sorted((data_root / "test" / "PNEUMONIA").iterdir())[::6]
     )
-    results = list(predict.predict(shipped, files))
+    results = list(screening.predict(shipped, files))
     passed = np.mean([not r.ood for r in results])
     assert passed >= 0.97
     assert shipped.meta["ood"]["validation_pass_rate"] >= 0.99
@@ -164,7 +164,7 @@ def test_a_bad_file_never_stops_the_batch(
 ) -> None:
     bad = _bad_files(tmp_path, xray_files[0])
     files = [xray_files[0], *bad, xray_files[-1]]
-    results = list(predict.predict(transfer, files, batch_size=2))
+    results = list(screening.predict(transfer, files, batch_size=2))
     assert [r.file for r in results] == [str(f) for f in files]  # order kept
     assert results[0].error is None and results[-1].error is None
     for r in results[1:-1]:
@@ -187,14 +187,14 @@ def test_expand_paths(tmp_path: Path, xray_files: list[Path]) -> None:
     (tmp_path / "a" / "b" / "notes.1").write_text("not DICOM, whatever its suffix")
     (tmp_path / "a" / "b" / "clip.gif").write_bytes(b"GIF89a")
     (tmp_path / "a" / ".DS_Store").write_bytes(b"hidden")
-    found = predict.expand_paths([tmp_path / "a"])
+    found = screening.expand_paths([tmp_path / "a"])
     names = {*(f.name for f in xray_files[:3]), "download.jfif", "export0001", *uid_names}
     assert {p.name for p in found} == names
-    scan = predict.scan_paths([tmp_path / "a"])
+    scan = screening.scan_paths([tmp_path / "a"])
     assert scan.skipped == {".txt": 1, ".gif": 1, ".1": 1}
     assert scan.note() == "skipped 3 files with unsupported suffixes: .1, .gif, .txt"
     with pytest.raises(PneumoscanError, match="no such file"):
-        predict.expand_paths([tmp_path / "missing.jpg"])
+        screening.expand_paths([tmp_path / "missing.jpg"])
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -212,7 +212,7 @@ def test_cli_json_exit_codes_sort_and_csv(xray_files: list[Path], tmp_path: Path
     assert ok.returncode == 0, ok.stderr
     rows = json.loads(ok.stdout)
     assert len(rows) == len(xray_files)
-    assert all(set(r) == set(predict.FIELDS) for r in rows)
+    assert all(set(r) == set(screening.FIELDS) for r in rows)
     probabilities = [r["probability"] for r in rows]
     assert probabilities == sorted(probabilities, reverse=True)
     assert {r["label"] for r in rows} <= {"NORMAL", "PNEUMONIA"} and all(
@@ -268,7 +268,7 @@ def test_memory_stays_flat_over_many_files(
             consumed += 1
             yield xray_files[i % len(xray_files)]
 
-    stream = predict.predict(transfer, files(), batch_size=8)
+    stream = screening.predict(transfer, files(), batch_size=8)
     first = next(stream)
     assert first.error is None
     assert consumed <= 8 * 4  # at most the batches in flight were read ahead
@@ -287,8 +287,8 @@ def test_tiff_scores_as_png_does_in_8_12_and_16_bits(
     Image.fromarray(wide * 257).save(tmp_path / "film16.tiff")
     Image.fromarray(wide * 16).save(tmp_path / "film12.tif")
     Image.fromarray(wide * 16 + wide // 16).save(tmp_path / "scan12.png")
-    files = predict.expand_paths([tmp_path])
+    files = screening.expand_paths([tmp_path])
     assert sorted(p.suffix for p in files) == [".png", ".png", ".tif", ".tif", ".tiff"]
-    results = list(predict.predict(runtime.load("ensemble"), files))
+    results = list(screening.predict(runtime.load("ensemble"), files))
     assert all(r.error is None and r.domain == "in_domain" for r in results)
     assert len({r.probability for r in results}) == 1
