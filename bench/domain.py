@@ -84,7 +84,7 @@ def generated_non_xrays() -> list[tuple[str, np.ndarray]]:
 def outcomes(model, images: list[np.ndarray]) -> collections.Counter:
     batch = np.stack([reader.resize(im, model.input_size) for im in images])
     _, distances = model.raw_scores(batch)
-    return collections.Counter(model.domain(float(d)) for d in distances)
+    return collections.Counter(model.assess(distances)[0])
 
 
 def main() -> None:
@@ -97,7 +97,7 @@ def main() -> None:
     args = parser.parse_args()
 
     train = data.list_split(args.data, "train")
-    _, val = data.train_val_split(train)
+    _, val = data.carve(train)
     sets = {
         "validation": [reader.read_image(f) for f in val.files],
         "test": [reader.read_image(f) for f in data.list_split(args.data, "test").files],

@@ -34,7 +34,7 @@ def measure(model, originals: list[np.ndarray]) -> list[dict]:
 
     def scored(images: list[np.ndarray]) -> tuple[np.ndarray, list[str]]:
         logits, distances = model.raw_scores(np.stack([reader.resize(i, size) for i in images]))
-        return model.calibrate(logits), [model.domain(float(d)) for d in distances]
+        return model.calibrate(logits), model.assess(distances)[0]
 
     base, base_domains = scored(originals)
     rows = []
@@ -64,7 +64,7 @@ def main() -> None:
 
     files = {}
     if "validation" in args.splits:
-        files["validation"] = data.train_val_split(data.list_split(args.data, "train"))[1].files
+        files["validation"] = data.carve(data.list_split(args.data, "train"))[1].files
     if "test" in args.splits:
         files["test"] = data.list_split(args.data, "test").files
     out = []

@@ -39,7 +39,7 @@ def speed(model: runtime.OnnxModel, images: np.ndarray, rounds: int = 5) -> floa
 def compare(name: str, root: Path) -> dict:
     fp32 = runtime.load(name, threads=2, precision="fp32")
     int8 = runtime.load(name, threads=2, precision="int8")
-    _, val = data.train_val_split(data.list_split(root, "train"))
+    _, val = data.carve(data.list_split(root, "train"))
     val_images, val = data.load_images(val, fp32.input_size)
     test_images, test = data.load_images(data.list_split(root, "test"), fp32.input_size)
     (p32, d32), (p8, d8) = scores(fp32, val_images), scores(int8, val_images)
@@ -49,7 +49,7 @@ def compare(name: str, root: Path) -> dict:
     }
     # The guard's outcome: its tier for each image (in_domain, shifted, not_chest_xray).
     guard_changes = sum(
-        fp32.domain(float(a)) != fp32.domain(float(b)) for a, b in zip(d32, d8, strict=True)
+        a != b for a, b in zip(fp32.assess(d32)[0], fp32.assess(d8)[0], strict=True)
     )
     max_diff = float(np.max(np.abs(p32 - p8)))
     out = {

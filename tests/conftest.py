@@ -61,6 +61,41 @@ def small_data(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return root
 
 
+NIH = REPO.parent / "shared" / "data" / "external" / "nih_adult"
+
+
+@pytest.fixture(scope="session")
+def nih_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real set of adult films as a CSV: one film each of 12 NIH patients per class."""
+    import csv
+
+    if not (NIH / "labels.csv").is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"no nih_adult data at {NIH}")
+        pytest.skip("no nih_adult data beside the data set")
+    with (NIH / "labels.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    picked, patients = [], set()
+    for label in ("NORMAL", "PNEUMONIA"):
+        for row in rows:
+            if (
+                row["label"] == label
+                and row["patient_id"] not in patients
+                and row["rsna_2018"] == ""
+            ):
+                picked.append(row)
+                patients.add(row["patient_id"])
+                if sum(r["label"] == label for r in picked) == 12:
+                    break
+    path = tmp_path_factory.mktemp("nih_adult", numbered=False) / "labels.csv"
+    with path.open("w", newline="") as handle:
+        out = csv.writer(handle)
+        out.writerow(["file", "label", "patient_id", "view"])
+        for row in picked:
+            out.writerow([NIH / row["file"], row["label"], row["patient_id"], row["view"]])
+    return path
+
+
 @pytest.fixture(scope="session")
 def xray_files(data_root: Path) -> list[Path]:
     """A few real test images of each class."""

@@ -15,7 +15,10 @@ def test_help_per_command(command: str) -> None:
     ("args", "phrase"),
     [
         (["evaluate", "--model", "resnet", "--data", "."], "--model resnet: not a bundled model"),
-        (["evaluate", "--data", "/no/such/folder"], "data folder /no/such/folder does not exist"),
+        (
+            ["evaluate", "--data", "/no/such/folder"],
+            "--data /no/such/folder: no such folder or CSV file",
+        ),
         (["train", "--model", "vgg", "--data", ".", "--out", "x"], "--model 'vgg': choose one of"),
         # Mistakes typer itself catches (it raises its bundled click's errors) are one line too.
         (["predict", "--nope"], "No such option: --nope"),

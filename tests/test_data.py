@@ -32,13 +32,13 @@ def test_real_train_split_lists_both_classes(data_root: Path) -> None:
 
 
 def test_validation_never_shares_a_patient_and_keeps_class_balance(data_root: Path) -> None:
-    train, val = data.train_val_split(data.list_split(data_root, "train"), 0.1, seed=0)
+    train, val = data.carve(data.list_split(data_root, "train"), 0.1, seed=0)
     train_patients = {data.patient_id(f.name) for f in train.files}
     val_patients = {data.patient_id(f.name) for f in val.files}
     assert not train_patients & val_patients
     assert 0.08 < len(val) / (len(train) + len(val)) < 0.12
     assert abs(val.labels.mean() - train.labels.mean()) < 0.03
-    again = data.train_val_split(data.list_split(data_root, "train"), 0.1, seed=0)[1]
+    again = data.carve(data.list_split(data_root, "train"), 0.1, seed=0)[1]
     assert again.files == val.files  # fixed seed, same split
 
 
@@ -46,7 +46,7 @@ def test_earliest_design_holds_out_the_first_numbered_patients_of_each_series(
     data_root: Path,
 ) -> None:
     listed = data.list_split(data_root, "train")
-    train, val = data.train_val_split(listed, 0.1, design="earliest")
+    train, val = data.carve(listed, 0.1, design="earliest")
     train_patients = {data.patient_id(f.name) for f in train.files}
     val_patients = {data.patient_id(f.name) for f in val.files}
     assert not train_patients & val_patients and len(train) + len(val) == len(listed)
@@ -65,16 +65,16 @@ def test_earliest_design_holds_out_the_first_numbered_patients_of_each_series(
             re.fullmatch(rf"{series}\d+", data.patient_id(f.name)) is not None for f in listed.files
         )
         assert 0.08 < n_held / n_all < 0.12
-    assert data.train_val_split(listed, 0.1, seed=5, design="earliest")[1].files == val.files
+    assert data.carve(listed, 0.1, seed=5, design="earliest")[1].files == val.files
 
 
 def test_earliest_design_spares_series_too_small_to_give_a_patient(tmp_path: Path) -> None:
     names = [f"scan_{i:03d}.png" for i in range(20)] + ["alpha.png", "beta.png"]
-    split = data.Split([tmp_path / n for n in names], np.zeros(len(names), np.int64), ["A", "B"])
-    _, val = data.train_val_split(split, 0.1, design="earliest")
+    split = data.Manifest([tmp_path / n for n in names], np.zeros(len(names), np.int64), ["A", "B"])
+    _, val = data.carve(split, 0.1, design="earliest")
     assert [f.name for f in val.files] == ["scan_000.png", "scan_001.png"]
     with pytest.raises(PneumoscanError, match="val_design 'latest': choose one of random"):
-        data.train_val_split(split, 0.1, design="latest")
+        data.carve(split, 0.1, design="latest")
 
 
 def test_missing_or_empty_folders_name_the_problem(tmp_path: Path) -> None:
@@ -109,3 +109,82 @@ def test_decode_once_cache_and_unreadable_files_are_skipped(
     assert isinstance(cached, np.memmap)
     assert kept_again.files == kept.files
     assert np.array_equal(np.asarray(cached), np.asarray(images))
+
+
+NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "external" / "nih_adult"
+
+
+@pytest.fixture(scope="module")
+def nih_csv() -> Path:
+    if not (NIH / "labels.csv").is_file():
+        pytest.skip("no nih_adult data beside the data set")
+    return NIH / "labels.csv"
+
+
+def test_a_csv_becomes_a_manifest_with_patients_sources_and_views(nih_csv: Path) -> None:
+    manifest = data.read(nih_csv)
+    counts = manifest.counts()["nih_adult"]  # named for the folder that holds the CSV
+    assert counts["images"] == 440 and counts["NORMAL"] == 204 and counts["PNEUMONIA"] == 236
+    assert counts["patients"] == 310 and counts["views"] == {"AP": 254, "PA": 186}
+    assert manifest.class_names == ["NORMAL", "PNEUMONIA"]
+    assert all(f.is_file() for f in manifest.files)
+    named = data.read(f"adults={nih_csv}")
+    assert set(named.sources) == {"adults"}
+
+
+def test_a_csv_names_what_is_wrong_in_one_line(tmp_path: Path, xray_files: list[Path]) -> None:
+    (tmp_path / "a.csv").write_text("path,diagnosis\nx.png,NORMAL\n")
+    with pytest.raises(PneumoscanError, match="needs the columns file and label"):
+        data.read(tmp_path / "a.csv")
+    (tmp_path / "b.csv").write_text(
+        "file,label\n" + "".join(f"{f},{lab}\n" for f, lab in zip(xray_files, "ABC", strict=False))
+    )
+    with pytest.raises(PneumoscanError, match="two classes"):
+        data.read(tmp_path / "b.csv")
+    rows = [f"{xray_files[0]},normal,p1", f"{xray_files[-1]},PNEUMONIA,p2", "gone.png,NORMAL,p3"]
+    (tmp_path / "c.csv").write_text("file,label,patient_id\n" + "\n".join(rows) + "\n")
+    with pytest.warns(UserWarning, match=r"skipping 1 listed file\(s\) not found: gone.png"):
+        manifest = data.read(tmp_path / "c.csv")
+    assert manifest.labels.tolist() == [0, 1] and manifest.patients == ["p1", "p2"]
+
+
+def test_class_folders_and_files_without_a_patient_id(
+    tmp_path: Path, xray_files: list[Path]
+) -> None:
+    (tmp_path / "site" / "normal" / "ward").mkdir(parents=True)
+    (tmp_path / "site" / "Pneumonia").mkdir()
+    (tmp_path / "site" / "normal" / "ward" / "scan1.jpeg").symlink_to(xray_files[0])
+    (tmp_path / "site" / "Pneumonia" / xray_files[-1].name).symlink_to(xray_files[-1])
+    with pytest.warns(UserWarning, match="1 of 2 files have no patient id"):
+        manifest = data.read(tmp_path / "site")
+    assert manifest.class_names == ["NORMAL", "PNEUMONIA"] and manifest.labels.tolist() == [0, 1]
+    assert set(manifest.sources) == {"site"}
+
+
+def test_several_data_sets_are_one_manifest_with_distinct_sources(
+    data_root: Path, nih_csv: Path
+) -> None:
+    both = data.read_all([data_root, nih_csv], "test")
+    assert both.source_names == ["chest_xray", "nih_adult"] and len(both) == 624 + 440
+    assert len(set(both.groups)) == len(set(both.groups[:624])) + 310
+    with pytest.raises(PneumoscanError, match="name each data set with NAME=PATH"):
+        data.read_all([nih_csv, nih_csv])
+
+
+def test_validation_is_carved_by_patient_within_each_source_and_by_view(
+    data_root: Path, nih_csv: Path
+) -> None:
+    both = data.read_all([data_root, nih_csv], "train")
+    train, val = data.carve(both, {"default": 0.1, "nih_adult": 0.25})
+    assert not set(train.groups) & set(val.groups)
+    counts = val.counts()
+    assert counts["chest_xray"]["images"] == 522  # as the Kermany data alone carves it
+    nih = counts["nih_adult"]
+    assert 0.2 < nih["images"] / 440 < 0.3
+    assert abs(nih["views"]["AP"] / nih["images"] - 254 / 440) < 0.05  # stratified by view
+    assert abs(nih["PNEUMONIA"] / nih["images"] - 236 / 440) < 0.05
+    alone = data.carve(data.read(data_root, "train"), 0.1)[1]
+    assert alone.files == [f for f in val.files if f in set(alone.files)]
+    tiny = both.subset(np.concatenate([np.arange(5), both.of_source("nih_adult")[:6]]))
+    with pytest.raises(PneumoscanError, match="too few to carve a validation set"):
+        data.carve(tiny, 0.25)

@@ -30,6 +30,7 @@ FIELDS_IN_ORDER = (
     "error",
     "domain",
     "warning",
+    "population",
 )
 FIELDS = set(FIELDS_IN_ORDER)
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"

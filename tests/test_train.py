@@ -177,3 +177,70 @@ def test_full_fine_tuning_on_fresh_augmentations_with_ema(small_data: Path, tmp_
     name = "head.12.weight"  # the new linear layer
     assert torch.equal(kept.state_dict()[name], ckpt["ema"][f"module.{name}"])
     assert not torch.equal(kept.state_dict()[name], ckpt["model"][name])
+
+
+@pytest.mark.slow
+def test_training_on_two_sources_fits_a_population_each(
+    small_data: Path, nih_small: Path, tmp_path: Path, xray_files: list[Path]
+) -> None:
+    """Kermany children and NIH adults: validation carved in each, the guard and the points
+    fitted for each, and model.json saying what the model was trained on."""
+    from pneumoscan import reader, runtime
+
+    cfg = quick("transfer", max_steps=6, val_fraction={"default": 0.25})
+    sets = [f"children={small_data}", f"adults={nih_small}"]
+    model = train.train(cfg, sets, tmp_path / "m", "cpu", log=silent, progress=False)
+    sources = model.meta["data"]["sources"]
+    assert list(sources) == ["children", "adults"]
+    assert sources["adults"]["validation"]["images"] == 6
+    assert sources["adults"]["train"]["images"] == 18
+    detection = model.meta["operating_points"]["detection"]
+    assert list(detection["populations"]) == ["children", "adults"]
+    for population in detection["populations"].values():
+        assert population["validation"]["sensitivity"] >= 0.98  # the target, in each source
+    assert list(model.meta["validation"]["populations"]) == ["children", "adults"]
+    assert [p["name"] for p in model.meta["ood"]["populations"]] == ["children", "adults"]
+    onnx = runtime.load(tmp_path / "m")
+    adult = Path(nih_small.read_text().splitlines()[1].split(",")[0])
+    images = np.stack([reader.load(xray_files[0], 128), reader.load(adult, 128)])
+    assert onnx.assess(onnx.raw_scores(images)[1])[1] == ["children", "adults"]
+
+
+@pytest.mark.slow
+def test_fine_tuning_starts_from_a_trained_model_and_says_so(
+    tiny_models: dict[str, Path], nih_small: Path, tmp_path: Path
+) -> None:
+    from helpers import run_cli
+
+    start = model_folder.load(tiny_models["transfer"])
+    out = tmp_path / "tuned"
+    init = ("train", "--init", str(tiny_models["transfer"]), "--device", "cpu")
+    code, _, stderr = run_cli(
+        *init, "--data", str(nih_small), "--out", str(out), "--max-steps", "4"
+    )
+    assert code == 0, stderr
+    tuned = model_folder.load(out)
+    meta = tuned.meta
+    assert meta["architecture"] == "transfer" and meta["name"] == f"{start.name}-finetuned"
+    assert meta["training"]["fine_tuned_from"]["weights_sha256"] == start.meta["weights"]["sha256"]
+    assert meta["training"]["config"]["init"] == str(tiny_models["transfer"])
+    assert list(meta["data"]["sources"]) == ["nih_adult"]
+    start_lr = start.meta["training"]["config"]["lr"]
+    assert meta["training"]["config"]["lr"] == pytest.approx(start_lr * 0.2)
+    before, after = start.network.head.state_dict(), tuned.network.head.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the head moved
+    frozen = start.network.trunk.state_dict()
+    assert all(torch.equal(v, frozen[k]) for k, v in tuned.network.trunk.state_dict().items())
+    # Mistakes: one line each, exit code 1, nothing written.
+    lines = nih_small.read_text().splitlines()
+    normals, few = tmp_path / "normals.csv", tmp_path / "few.csv"
+    normals.write_text("\n".join(r for r in lines if "PNEUMONIA" not in r) + "\n")
+    few.write_text("\n".join(lines[:4] + lines[13:16]) + "\n")  # 3 patients of each class
+    for args, phrase in (
+        (["--data", str(nih_small), "--out", str(out)], "already holds a trained model"),
+        (["--data", str(normals), "--out", str(tmp_path / "x")], "two classes"),
+        (["--data", str(few), "--out", str(tmp_path / "y")], "too few to carve"),
+    ):
+        code, _, stderr = run_cli(*init, *args, "--max-steps", "2")
+        assert code == 1 and phrase in stderr and stderr.count("\n") == 1, stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -12,59 +12,44 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pneumoscan import data, metrics, model_folder, reader
-from pneumoscan.errors import ImageReadError, PneumoscanError
+from pneumoscan import data, metrics, model_folder
+from pneumoscan.errors import PneumoscanError
 
 
 @dataclass
 class SiteData:
     """A site's labelled images, read and resized for one model."""
 
-    files: list[Path]
-    labels: np.ndarray
+    manifest: data.Manifest
     images: np.ndarray
-    skipped: list[str] = field(default_factory=list)  # one-line reasons, for unreadable files
+    skipped: int = 0  # unreadable files (each named in a warning)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.manifest.labels
 
     def counts(self, class_names: list[str]) -> dict[str, int]:
         return {name: int((self.labels == i).sum()) for i, name in enumerate(class_names)}
 
 
-def read_site(folder: Path, class_names: list[str], size: int) -> SiteData:
-    """FOLDER/<CLASS>/ for each of the model's classes (any case, subfolders searched)."""
-    from pneumoscan.screening import scan_paths
-
-    if not folder.is_dir():
-        raise PneumoscanError(f"--data {folder}: no such folder")
-    found = {p.name.upper(): p for p in folder.iterdir() if p.is_dir()}
-    missing = [c for c in class_names if c.upper() not in found]
-    if missing:
+def read_site(site: data.DataSets, class_names: list[str], size: int) -> SiteData:
+    """The site's images (`data.read_all`: class folders, a CSV, ...) for a model's classes."""
+    listed = data.read_all(site, "train")
+    if listed.class_names != class_names:
         raise PneumoscanError(
-            f"--data {folder}: needs one folder per class ({', '.join(class_names)}); "
-            f"missing {', '.join(missing)}"
+            f"--data {site}: needs the model's classes ({', '.join(class_names)}); found "
+            f"{', '.join(listed.class_names)}"
         )
-    files, labels, images, skipped = [], [], [], []
+    images, kept = data.load_images(listed, size)
     for index, name in enumerate(class_names):
-        scan = scan_paths([found[name.upper()]])
-        if scan.note():
-            skipped.append(f"{found[name.upper()]}: {scan.note()}")
-        for path in scan.files:
-            try:
-                images.append(reader.load(path, size))
-            except ImageReadError as exc:
-                skipped.append(str(exc))
-                continue
-            files.append(path)
-            labels.append(index)
-    labels_array = np.asarray(labels, dtype=np.int64)
-    for index, name in enumerate(class_names):
-        if not (labels_array == index).any():
-            raise PneumoscanError(f"--data {folder}: no readable {name} image")
-    return SiteData(files, labels_array, np.stack(images), skipped)
+        if not (kept.labels == index).any():
+            raise PneumoscanError(f"--data {site}: no readable {name} image")
+    return SiteData(kept, np.asarray(images), len(listed) - len(kept))
 
 
 @dataclass
@@ -77,7 +62,7 @@ class SiteCalibration:
     ece_after: float
     points: dict[str, dict]  # name -> threshold, sensitivity, specificity and their intervals
     warnings: list[str]
-    skipped: list[str]
+    skipped: int  # unreadable files, each named in a warning as it was read
 
 
 def min_positives(target: float, level: float = 0.95) -> int:
@@ -88,7 +73,7 @@ def min_positives(target: float, level: float = 0.95) -> int:
 
 def calibrate(
     model: str | Path,
-    site: Path,
+    site: data.DataSets,
     out: Path,
     target_sensitivity: float = metrics.DETECTION_SENSITIVITY,
     force: bool = False,
@@ -109,7 +94,15 @@ def calibrate(
     site_data = read_site(site, scorer.class_names, scorer.input_size)
     logits, _ = scorer.raw_scores(site_data.images)
     labels = site_data.labels
-    fitted = metrics.fit_operating_points(labels, logits, target_sensitivity, source="site images")
+    sources = np.asarray(site_data.manifest.sources)
+    fitted = metrics.fit_operating_points(
+        labels,
+        logits,
+        target_sensitivity,
+        source="site images",
+        groups=site_data.manifest.groups,
+        populations=sources if len(set(sources)) > 1 else None,
+    )
     meta = json.loads(json.dumps(scorer.meta))  # a deep copy
     meta.update(fitted)
     meta.pop(model_folder.EXTERNAL_KEY, None)  # its labels were at the thresholds replaced
@@ -117,8 +110,8 @@ def calibrate(
     meta["site_calibration"] = {
         "date": datetime.date.today().isoformat(),
         "counts": counts,
-        "fingerprint": data.fingerprint(site_data.files),
-        "skipped": len(site_data.skipped),
+        "fingerprint": data.fingerprint(site_data.manifest.files),
+        "skipped": site_data.skipped,
         "target_sensitivity": target_sensitivity,
         "from": {
             "model": scorer.name,

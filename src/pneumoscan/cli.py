@@ -31,7 +31,11 @@ MODE_OPTION = typer.Option(
     "detection", "--mode", help="Operating point: detection (sensitive) or balanced."
 )
 DATA_OPTION = typer.Option(
-    ..., "--data", help="Data root holding {train,val,test}/{NORMAL,PNEUMONIA}/."
+    ...,
+    "--data",
+    help="A data set: a folder in the Kermany layout ({train,val,test}/{NORMAL,PNEUMONIA}/), "
+    "a folder with NORMAL/ and PNEUMONIA/, or a CSV (file,label[,patient_id,source,view]); "
+    "NAME=PATH names it. Repeatable.",
 )
 
 
@@ -56,15 +60,27 @@ def _stderr(message: str) -> None:
 
 @app.command()
 def train(
-    model: str = typer.Option(
-        ...,
+    model: str | None = typer.Option(
+        None,
         "--model",
         help="A recipe (dense, cnn, transfer, transfer-wide), or several to train and join: "
         "cnn,transfer (a mixture), transfer+transfer-wide (heads on one frozen trunk); "
-        "ensemble: the bundled default, cnn,transfer+transfer-wide.",
+        "ensemble: the bundled default's plan. Not with --init.",
     ),
-    data: Path = DATA_OPTION,
+    data: list[str] = typer.Option(
+        ...,
+        "--data",
+        help="Training images: a folder in the Kermany layout (its train/ is read), a folder "
+        "with NORMAL/ and PNEUMONIA/, or a CSV (file,label[,patient_id,source,view]); NAME=PATH "
+        "names the source. Repeat it to train on several.",
+    ),
     out: Path = typer.Option(..., "--out", help="Folder to write the trained model to."),
+    init: str | None = typer.Option(
+        None,
+        "--init",
+        help="Fine-tune this trained model (bundled name or folder) on --data: its weights, "
+        "recipe and network, at a fifth of the learning rate; validation carved from --data.",
+    ),
     epochs: int | None = typer.Option(
         None, "--epochs", min=1, help="Override the config's epochs."
     ),
@@ -88,6 +104,14 @@ def train(
         "--seeds",
         help="Train one member per seed (e.g. 0,1,2) and ship their mean: an ensemble.",
     ),
+    val_fraction: float | None = typer.Option(
+        None,
+        "--val-fraction",
+        min=0.01,
+        max=0.9,
+        help="Share of each source's images carved out, by patient, for validation "
+        "(recipes: 0.1; --init: 0.2).",
+    ),
     val_design: str | None = typer.Option(
         None,
         "--val-design",
@@ -101,11 +125,11 @@ def train(
         help="Train in N processes with DDP (GPUs, or CPU processes); several machines: torchrun.",
     ),
 ) -> None:
-    """Train a model, or several and join them; validation is carved from train by patient,
-    test is never read."""
+    """Train a model, or several and join them, or fine-tune one (--init) on your own images;
+    validation is carved from the training images by patient, test is never read."""
     require_train("pneumoscan train")
     from pneumoscan import train as training
-    from pneumoscan.config import PLANS, load_plan
+    from pneumoscan.config import PLANS, finetune_config, load_plan
     from pneumoscan.join import train_plan
 
     overrides = {
@@ -113,31 +137,44 @@ def train(
         "image_size": image_size,
         "seed": seed,
         "max_steps": max_steps,
+        "val_fraction": val_fraction,
         "val_design": val_design,
     }
     options = {"device_name": device, "progress": sys.stderr.isatty(), "devices": devices}
-    members = None
-    if seeds is not None:
-        try:
-            members = [int(s) for s in seeds.split(",")]
-        except ValueError:
-            raise PneumoscanError(f"--seeds {seeds!r}: write integers, e.g. 0,1,2") from None
-    plan = load_plan(model, config, **overrides)
-    if len(plan) == 1 and len(plan[0]) == 1 and members is None:
-        (cfg,) = plan[0].values()
+    if init is not None:
+        if model is not None or seeds is not None or config is not None:
+            raise PneumoscanError(
+                "--init fine-tunes one model: not with --model, --seeds, --config"
+            )
+        cfg = finetune_config(init, **overrides)
         loaded = training.train(cfg, data, out, resume=resume, force=force, log=_stderr, **options)
     else:
-        loaded = train_plan(
-            plan,
-            members or [seed or 0],
-            data,
-            out,
-            resume=resume,
-            force=force,
-            log=_stderr,
-            name=model if model in PLANS else None,
-            **options,
-        )
+        if model is None:
+            raise PneumoscanError("--model: name a recipe (e.g. cnn) or a plan, or give --init")
+        members = None
+        if seeds is not None:
+            try:
+                members = [int(s) for s in seeds.split(",")]
+            except ValueError:
+                raise PneumoscanError(f"--seeds {seeds!r}: write integers, e.g. 0,1,2") from None
+        plan = load_plan(model, config, **overrides)
+        if len(plan) == 1 and len(plan[0]) == 1 and members is None:
+            (cfg,) = plan[0].values()
+            loaded = training.train(
+                cfg, data, out, resume=resume, force=force, log=_stderr, **options
+            )
+        else:
+            loaded = train_plan(
+                plan,
+                members or [seed or 0],
+                data,
+                out,
+                resume=resume,
+                force=force,
+                log=_stderr,
+                name=model if model in PLANS else None,
+                **options,
+            )
     if loaded is None:
         return  # a rank other than 0 under torchrun: rank 0 wrote the model
     points = loaded.meta["operating_points"]
@@ -152,7 +189,7 @@ def join(
     folders: list[Path] = typer.Argument(
         ..., help="Model folders trained on the same data (any of dense, cnn, transfer)."
     ),
-    data: Path = DATA_OPTION,
+    data: list[str] = DATA_OPTION,
     out: Path = typer.Option(..., "--out", help="Folder for the joined model."),
     name: str | None = typer.Option(None, "--name", help="The joined model's name."),
     force: bool = typer.Option(False, "--force", help="Overwrite a model already in OUT."),
@@ -172,11 +209,11 @@ def join(
 @app.command()
 def calibrate(
     model: str = MODEL_OPTION,
-    data: Path = typer.Option(
+    data: list[str] = typer.Option(
         ...,
         "--data",
         help="Your site's labelled images: DATA/NORMAL/ and DATA/PNEUMONIA/ (any format, "
-        "subfolders searched).",
+        "subfolders searched), or a CSV (file,label[,patient_id,source,view]). Repeatable.",
     ),
     out: Path = typer.Option(..., "--out", help="Folder for the calibrated model (a new one)."),
     target_sensitivity: float = typer.Option(
@@ -188,8 +225,6 @@ def calibrate(
     from pneumoscan import calibrate as site
 
     fitted = site.calibrate(model, data, out, target_sensitivity, force)
-    for reason in fitted.skipped:
-        _stderr(f"skipped {reason}")
     counts = ", ".join(f"{n} {name}" for name, n in fitted.counts.items())
     typer.echo(
         f"{out}: {fitted.model.name} calibrated on {counts}; calibration error (ECE) "
@@ -213,7 +248,7 @@ def evaluate(
         "--model",
         help="Bundled model (ensemble, dense, cnn, transfer) or a model folder; repeatable.",
     ),
-    data: Path = DATA_OPTION,
+    data: list[str] = DATA_OPTION,
     split: str = typer.Option("test", "--split", help="Split to score: test, val or train."),
     as_json: bool = typer.Option(
         False, "--json", help="Print JSON (one object per model) instead of a table."
@@ -234,7 +269,7 @@ def evaluate(
 
 @app.command()
 def benchmark(
-    data: Path = DATA_OPTION,
+    data: list[str] = DATA_OPTION,
     out: Path = typer.Option(..., "--out", help="Folder for the models, tables, plots and report."),
     models: str = typer.Option(
         "dense,cnn,transfer", "--models", help="Comma-separated models to train."

@@ -6,7 +6,7 @@ several recipes to train and join (`cnn,transfer+transfer-wide`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
@@ -28,7 +28,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     patience: int = 6
     seed: int = 0
-    val_fraction: float = 0.1
+    val_fraction: float | dict = 0.1  # of each source's images; or {source: share, default: share}
     split_seed: int = 0
     val_design: str = "random"  # data.VAL_DESIGNS
     feature_views: int = 1  # 0: no cache; the frozen trunk sees fresh augmentations each step
@@ -42,6 +42,12 @@ class TrainConfig:
     max_steps: int | None = None
     augment: dict = field(default_factory=dict)
     model_args: dict = field(default_factory=dict)
+    # {source: factor}: that source's images weigh `factor` times more in the loss (default 1)
+    source_weight: dict = field(default_factory=dict)
+    init: str | None = None  # fine-tuning: start from this trained model's weights
+    # The detection point's validation sensitivity target: one for every source, or
+    # {source: target, default: target}
+    detection_sensitivity: float | dict = 0.98
 
 
 # A plan trains several recipes and joins them: groups split by ",", recipes of one group
@@ -122,6 +128,10 @@ def _check(values: dict, source: str) -> None:
         )
     if consistency and float(values.get("mixup", 0.0)) > 0:
         raise PneumoscanError(f"{source}: consistency and mixup cannot be combined; set one")
+    shares = values.get("val_fraction", 0.1)
+    for share in shares.values() if isinstance(shares, dict) else [shares]:
+        if not 0 < float(share) < 1:
+            raise PneumoscanError(f"{source}: val_fraction must be in (0, 1), e.g. 0.1")
     if not 0 <= float(values.get("ema", 0.0)) < 1:
         raise PneumoscanError(f"{source}: ema must be in [0, 1) (0: off; e.g. 0.995)")
 
@@ -140,6 +150,34 @@ def load_plan(spec: str, path: Path | None = None, **overrides) -> Plan:
     if len({"+".join(names) for names in groups}) < len(groups):
         raise PneumoscanError(f"--model {spec}: a group is named twice")
     return [{n: load_config(n, path, **overrides) for n in names} for names in groups]
+
+
+# Fine-tuning a trained model on a site's own images: its own recipe, at a fifth of its learning
+# rate, for at most 10 epochs, with a fifth of the site's patients carved out for validation (a
+# site's set is small: thresholds need enough of both classes there).
+FINETUNE = {"lr_scale": 0.2, "max_epochs": 10, "patience": 4, "val_fraction": 0.2}
+
+
+def finetune_config(init: str | Path, **overrides) -> TrainConfig:
+    """The config that fine-tunes the model `init` (a bundled name or a model folder): the
+    recipe it was trained with, adapted by FINETUNE, with non-None overrides on top."""
+    from pneumoscan import model_folder
+
+    card = model_folder.read_card(init)
+    saved = asdict(saved_config(card.meta))
+    values = {
+        **saved,
+        "lr": saved["lr"] * FINETUNE["lr_scale"],
+        "epochs": min(saved["epochs"], FINETUNE["max_epochs"]),
+        "patience": FINETUNE["patience"],
+        "val_fraction": FINETUNE["val_fraction"],
+        "source_weight": {},
+        "max_steps": None,
+        "init": str(init),
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    _check(values, f"--init {init}")
+    return TrainConfig(**values)
 
 
 def saved_config(meta: dict) -> TrainConfig:

@@ -7,9 +7,16 @@ noise and blank frames lie far from radiographs whatever the classifier. Every m
 reads the same features; a `transfer` trunk that prepares its input the same way is that
 extractor, so for it the guard costs almost nothing.
 Its threshold lets at least 99% of validation X-rays pass.
+
+A guard holds one Gaussian per population: each source the model was trained and validated on
+(its own), and reference populations of chest X-rays it was not (e.g. adults, for a model of
+children). With one Gaussian the guard gives one distance per image; with several, one per
+population, and the domain check (domain.py) says which population an image is most like.
 """
 
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -31,12 +38,12 @@ DESCRIPTION = (
 
 
 class Guard(nn.Module):
-    """Distance of trunk features from the training distribution."""
+    """Distances of trunk features from each population's training distribution."""
 
-    def __init__(self) -> None:
+    def __init__(self, populations: int = 1) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.zeros(FEATURES))
-        self.register_buffer("precision", torch.eye(FEATURES))
+        self.register_buffer("mean", torch.zeros(populations, FEATURES))
+        self.register_buffer("precision", torch.eye(FEATURES).repeat(populations, 1, 1))
 
     @staticmethod
     def pool(features: torch.Tensor) -> torch.Tensor:
@@ -44,23 +51,66 @@ class Guard(nn.Module):
         return torch.cat([flat.mean(2), flat.std(2)], 1)
 
     def distance(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Mahalanobis distance of pooled features from the training mean."""
-        centred = pooled - self.mean
-        return ((centred @ self.precision) * centred).sum(1).clamp_min(0).sqrt()
+        """Mahalanobis distances of pooled features from each population's mean: (N,) with one
+        population, (N, populations) with several."""
+        centred = pooled[:, None, :] - self.mean[None]
+        squared = torch.einsum("npf,pfg,npg->np", centred, self.precision, centred)
+        distances = squared.clamp_min(0).sqrt()
+        return distances[:, 0] if len(self.mean) == 1 else distances
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.distance(self.pool(features))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A guard saved before populations holds one Gaussian without the population axis.
+        for name in ("mean", "precision"):
+            key = prefix + name
+            if key in state_dict and state_dict[key].dim() == getattr(self, name).dim() - 1:
+                state_dict[key] = state_dict[key][None]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+@dataclass
+class Population:
+    """One population's Gaussian as fitted: its threshold (PASS_QUANTILE of its validation
+    images' distances) and the share of them it passes."""
+
+    name: str
+    own: bool  # validated on (a source of the model's), or a reference population
+    threshold: float
+    pass_rate: float
+    n_train: int
+    n_val: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
 
 def fit(train_pooled: np.ndarray, val_pooled: np.ndarray) -> tuple[Guard, float, float]:
-    """Fit on training features; return the guard, its threshold and the validation pass rate."""
+    """Fit one population; return the guard, its threshold and the validation pass rate."""
+    fitted, (population,) = fit_populations({"": (train_pooled, val_pooled, True)})
+    return fitted, population.threshold, population.pass_rate
+
+
+def fit_populations(
+    sets: dict[str, tuple[np.ndarray, np.ndarray, bool]],
+) -> tuple[Guard, list[Population]]:
+    """One Gaussian per population from {name: (train features, validation features, own)}."""
     from sklearn.covariance import LedoitWolf
 
-    estimate = LedoitWolf().fit(train_pooled)
-    guard = Guard()
-    guard.mean.copy_(torch.from_numpy(estimate.location_).float())
-    guard.precision.copy_(torch.from_numpy(estimate.precision_).float())
-    with torch.no_grad():
-        val_scores = guard.distance(torch.from_numpy(val_pooled).float()).numpy()
-    threshold = float(np.quantile(val_scores, PASS_QUANTILE, method="higher"))
-    return guard, threshold, float((val_scores <= threshold).mean())
+    fitted = Guard(len(sets))
+    populations = []
+    for k, (name, (train_pooled, val_pooled, own)) in enumerate(sets.items()):
+        estimate = LedoitWolf().fit(train_pooled)
+        fitted.mean[k] = torch.from_numpy(estimate.location_).float()
+        fitted.precision[k] = torch.from_numpy(estimate.precision_).float()
+        one = Guard()
+        one.mean[0], one.precision[0] = fitted.mean[k], fitted.precision[k]
+        with torch.no_grad():
+            val_scores = one.distance(torch.from_numpy(val_pooled).float()).numpy()
+        threshold = float(np.quantile(val_scores, PASS_QUANTILE, method="higher"))
+        rate = float((val_scores <= threshold).mean())
+        populations.append(
+            Population(name, own, threshold, rate, len(train_pooled), len(val_pooled))
+        )
+    return fitted, populations

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from pneumoscan import distributed, model_folder, postfit
+from pneumoscan import data, distributed, model_folder, postfit
 from pneumoscan.checkpoint import CHECKPOINT_FILE
 from pneumoscan.config import Plan, TrainConfig, saved_config
 from pneumoscan.errors import PneumoscanError
@@ -29,7 +29,7 @@ def split_of(meta: dict) -> tuple:
 
 def join_models(
     folders: list[Path],
-    data_root: Path,
+    data_root: data.DataSets,
     out_dir: Path,
     name: str | None = None,
     force: bool = False,
@@ -46,7 +46,7 @@ def join_models(
     return _join(folders, data_root, Path(out_dir), name)
 
 
-def _join(folders: list[Path], data_root: Path, out_dir: Path, name: str | None):
+def _join(folders: list[Path], data_root: data.DataSets, out_dir: Path, name: str | None):
     from pneumoscan.models import heads_on_one_trunk, mixture, share_trunk
 
     members = [model_folder.load(f) for f in folders]
@@ -111,7 +111,7 @@ class _PlanRun:
     """The settings every member of a plan trains and joins with."""
 
     seeds: list[int]
-    data_root: Path
+    data_root: data.DataSets
     resume: bool
     force: bool
     log: Callable[[str], None]
@@ -121,7 +121,7 @@ class _PlanRun:
 def train_plan(
     plan: TrainConfig | Plan,
     seeds: list[int],
-    data_root: Path,
+    data_root: data.DataSets,
     out_dir: Path,
     resume: bool = False,
     force: bool = False,
@@ -144,7 +144,7 @@ def train_plan(
     check_out_dir(out_dir, resume, force)
     if isinstance(plan, TrainConfig):
         plan = [{plan.model: plan}]
-    run = _PlanRun(seeds, Path(data_root), resume, force, log, options)
+    run = _PlanRun(seeds, data_root, resume, force, log, options)
     folders = _parts(run, plan, out_dir)
     if not distributed.is_main():  # under torchrun: rank 0 joins
         return None

@@ -66,17 +66,37 @@ def auc(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(roc_auc_score(labels, probs))
 
 
+def within_source_auc(labels: np.ndarray, scores: np.ndarray, sources: np.ndarray) -> float:
+    """The mean of each source's own validation AUC: never an AUC pooled over sources, whose
+    class mixes differ (the hospital could carry the label, Zech et al. 2018)."""
+    return float(
+        np.mean([auc(labels[sources == s], scores[sources == s]) for s in np.unique(sources)])
+    )
+
+
 def auc_bootstrap_ci(
-    labels: np.ndarray, probs: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+    labels: np.ndarray,
+    probs: np.ndarray,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of ROC AUC, resampling cases with replacement."""
+    """Percentile bootstrap interval of ROC AUC, resampling cases with replacement, or, with
+    `groups` (a patient per image), whole patients."""
     from sklearn.metrics import roc_auc_score
 
     labels, probs = np.asarray(labels), np.asarray(probs)
+    members = None
+    if groups is not None:
+        _, inverse = np.unique(groups, return_inverse=True)
+        members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
+    count = len(labels) if members is None else len(members)
     rng = np.random.default_rng(seed)
     scores = []
     for _ in range(n_boot):
-        idx = rng.integers(0, len(labels), len(labels))
+        picked = rng.integers(0, count, count)
+        idx = picked if members is None else np.concatenate([members[g] for g in picked])
         if labels[idx].min() == labels[idx].max():
             continue  # a one-class resample has no AUC
         scores.append(roc_auc_score(labels[idx], probs[idx]))
@@ -160,8 +180,10 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int 
     return float(total)
 
 
-def fit_platt(labels: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
-    """Platt scaling: (a, b) minimising the log-loss of sigmoid(a * logit + b).
+def fit_platt(
+    labels: np.ndarray, logits: np.ndarray, weights: np.ndarray | None = None
+) -> tuple[float, float]:
+    """Platt scaling: (a, b) minimising the (weighted) log-loss of sigmoid(a * logit + b).
 
     A bias term as well as a temperature, because class-weighted training shifts the
     logits by the log prior ratio; with a > 0 the ranking (and so AUC) is unchanged.
@@ -170,10 +192,12 @@ def fit_platt(labels: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
 
     y = np.asarray(labels, dtype=float)
     z = np.asarray(logits, dtype=float)
+    w = np.ones_like(z) if weights is None else np.asarray(weights, dtype=float)
+    w = w / w.mean()
 
     def nll(params: np.ndarray) -> float:
         s = np.exp(params[0]) * z + params[1]
-        return float(np.mean(np.logaddexp(0, s) - y * s))
+        return float(np.mean(w * (np.logaddexp(0, s) - y * s)))
 
     result = minimize(
         nll, x0=np.zeros(2), method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9}
@@ -188,25 +212,59 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 def fit_operating_points(
     labels: np.ndarray,
     logits: np.ndarray,
-    min_sensitivity: float = DETECTION_SENSITIVITY,
+    min_sensitivity: float | dict[str, float] = DETECTION_SENSITIVITY,
     source: str = "validation",
     groups: np.ndarray | None = None,
+    populations: np.ndarray | None = None,
 ) -> dict:
     """Platt calibration and both thresholds, all from `source` (validation, validation under
     shift views, or a site's own images): model.json's sections. Each point carries its metrics
-    on `source` and their 95% bootstrap intervals, resampling `groups` (patients) if given."""
-    scale, bias = fit_platt(labels, logits)
+    on `source` and their 95% bootstrap intervals, resampling `groups` (patients) if given.
+
+    With `populations` (the data set each row came from), each population weighs the same in
+    the calibration, `balanced` maximises the mean of the populations' Youden's J, `detection`
+    is the highest threshold that keeps each population's sensitivity at its target
+    (`min_sensitivity`: one for all, or per population with `default`), and each point gives
+    every population's own metrics and intervals.
+    """
+    labels, logits = np.asarray(labels), np.asarray(logits)
+    pops = np.zeros(len(labels), dtype=object) if populations is None else np.asarray(populations)
+    names = list(dict.fromkeys(pops.tolist()))
+    weights = np.ones(len(labels))
+    for name in names:
+        weights[pops == name] = len(labels) / (len(names) * (pops == name).sum())
+    scale, bias = fit_platt(labels, logits, weights)
     raw = sigmoid(logits)
     probs = sigmoid(scale * logits + bias)
-    balanced = youden_threshold(labels, probs)
+    if len(names) == 1:
+        balanced = youden_threshold(labels, probs)
+        targets = {names[0]: _target(min_sensitivity, names[0])}
+        detection = detection_threshold(labels, probs, targets[names[0]])
+    else:
+        balanced = _mean_youden_threshold(labels, probs, pops, names)
+        targets = {n: _target(min_sensitivity, n) for n in names}
+        detection = min(
+            detection_threshold(labels[pops == n], probs[pops == n], targets[n]) for n in names
+        )
     # Detection trades accuracy for sensitivity, so it is never less sensitive than balanced.
-    detection = min(detection_threshold(labels, probs, min_sensitivity), balanced)
+    detection = min(detection, balanced)
+    wanted = (
+        f"sensitivity >= {targets[names[0]]}"
+        if len(names) == 1
+        else "each population's sensitivity >= its target ("
+        + ", ".join(f"{n} {t}" for n, t in targets.items())
+        + ")"
+    )
     rules = {
-        "balanced": (balanced, f"max Youden's J on {source}"),
+        "balanced": (
+            balanced,
+            f"max Youden's J on {source}"
+            if len(names) == 1
+            else f"max mean of the populations' Youden's J on {source}",
+        ),
         "detection": (
             detection,
-            f"highest threshold with {source} sensitivity >= {min_sensitivity}"
-            " (and at most the balanced threshold)",
+            f"highest threshold with {source} {wanted} (and at most the balanced threshold)",
         ),
     }
     points = {}
@@ -220,13 +278,65 @@ def fit_operating_points(
             "sensitivity_ci": list(ci["sensitivity"]),
             "specificity_ci": list(ci["specificity"]),
         }
+        if len(names) > 1:
+            points[name]["populations"] = {
+                n: _population_point(labels, probs, threshold, groups, pops == n, targets[n])
+                for n in names
+            }
     return {
         "operating_points": points,
         "calibration": {
-            "method": f"Platt scaling of the logit, fit on {source}",
+            "method": f"Platt scaling of the logit, fit on {source}"
+            + (", each population weighing the same" if len(names) > 1 else ""),
             "scale": scale,
             "bias": bias,
             "validation_ece_before": expected_calibration_error(labels, raw),
             "validation_ece_after": expected_calibration_error(labels, probs),
         },
+    }
+
+
+def _target(min_sensitivity: float | dict[str, float], population: str) -> float:
+    if isinstance(min_sensitivity, dict):
+        return float(
+            min_sensitivity.get(population, min_sensitivity.get("default", DETECTION_SENSITIVITY))
+        )
+    return float(min_sensitivity)
+
+
+def _mean_youden_threshold(
+    labels: np.ndarray, probs: np.ndarray, pops: np.ndarray, names: list
+) -> float:
+    """The threshold (one of the probabilities) maximising the mean of each population's
+    sensitivity + specificity - 1."""
+    candidates = np.unique(probs)
+    total = np.zeros(len(candidates))
+    for name in names:
+        mine = pops == name
+        positives = np.sort(probs[mine & (labels == 1)])
+        negatives = np.sort(probs[mine & (labels == 0)])
+        sensitivity = 1 - np.searchsorted(positives, candidates, side="left") / max(
+            len(positives), 1
+        )
+        specificity = np.searchsorted(negatives, candidates, side="left") / max(len(negatives), 1)
+        total += sensitivity + specificity - 1
+    return float(min(candidates[int(np.argmax(total))], 1.0))
+
+
+def _population_point(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    threshold: float,
+    groups: np.ndarray | None,
+    mine: np.ndarray,
+    target: float,
+) -> dict:
+    ci = point_bootstrap_ci(
+        labels[mine], probs[mine], threshold, groups=None if groups is None else groups[mine]
+    )
+    return {
+        "validation": point_metrics(labels[mine], probs[mine], threshold).to_dict(),
+        "sensitivity_ci": list(ci["sensitivity"]),
+        "specificity_ci": list(ci["specificity"]),
+        "detection_target": target,
     }

@@ -71,17 +71,23 @@ class ModelCard:
         return sum(int(args.get("members", 1)) for _, args in parts(self.meta))
 
     @property
-    def ood_threshold(self) -> float | None:
-        return self.meta["ood"]["threshold"] if "ood" in self.meta else None
+    def populations(self) -> list[str]:
+        """The sources the model was trained and validated on (a model saved before sources
+        were recorded was trained on the Kermany data set: `chest_xray`)."""
+        sources = self.meta.get("data", {}).get("sources")
+        return list(sources) if sources else ["chest_xray"]
 
-    def domain(self, distance: float) -> str:
-        """The domain tier of one guard distance: in_domain, shifted or not_chest_xray."""
+    def assess(self, distances: np.ndarray) -> tuple[list[str], list[str | None], np.ndarray]:
+        """Per image: its domain tier, the population it is most like, its score
+        (domain.assess)."""
         from pneumoscan import domain
 
-        ood = self.meta.get("ood")
-        if ood is None:
-            return domain.IN_DOMAIN
-        return domain.outcome(distance, ood["threshold"], ood.get("outer_threshold"))
+        return domain.assess(distances, self.meta.get("ood"))
+
+    def warning(self, tier: str) -> str | None:
+        from pneumoscan import domain
+
+        return domain.warning(tier, self.populations)
 
     def calibrate(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated probabilities of PNEUMONIA from raw logits (Platt scaling fit on validation)."""
@@ -320,7 +326,7 @@ def load(model: str | Path) -> LoadedModel:
     network.load_state_dict(_read_tensors(card, "weights"))
     ood = None
     if "ood" in meta:
-        ood = Guard()
+        ood = Guard(len(meta["ood"].get("populations") or [None]))
         ood.load_state_dict(_read_tensors(card, "ood"))
     scorer = Scorer(network, ood, shares_guard_trunk(meta), guard_input(meta))
     scorer = scorer.eval().to(memory_format=torch.channels_last)

@@ -24,16 +24,24 @@ from pneumoscan.errors import PneumoscanError
 
 
 def fit_postprocessing(
-    model: model_folder.LoadedModel, data_root: Path
+    model: model_folder.LoadedModel,
+    data_root: data.DataSets,
+    reference: data.DataSets | None = None,
 ) -> model_folder.LoadedModel:
-    """Fit the guard, calibration and operating points of `model`; save and reload it."""
+    """Fit the guard, calibration and operating points of `model`; save and reload it.
+
+    The guard holds a Gaussian per training source, each with its own threshold; `reference`
+    adds chest X-rays of populations the model was not trained on (e.g. adults, for a model of
+    children), fitted on 80% of their patients and thresholded on the rest: an image most like
+    one of them is never `in_domain`.
+    """
     cfg = saved_config(model.meta)
     d = data.training_data(
-        Path(data_root), cfg.image_size, cfg.val_fraction, cfg.split_seed, cfg.val_design
+        data_root, cfg.image_size, cfg.val_fraction, cfg.split_seed, cfg.val_design
     )
     if d.fingerprint != model.meta["data"]["fingerprint"]:
         raise PneumoscanError(
-            f"{data_root}: not the data this model was trained on (fingerprint differs)"
+            f"--data {data_root}: not the data this model was trained on (fingerprint differs)"
         )
     guard_spec = {"method": guard.DESCRIPTION, **guard.INPUT}
     member = model_folder.guard_member({**model.meta, "ood": guard_spec})
@@ -44,11 +52,28 @@ def fit_postprocessing(
 
         trunk = imagenet_trunk(guard.FROZEN_STAGES, **guard.INPUT)
     trunk = trunk.to(memory_format=torch.channels_last)
-    ood, ood_threshold, pass_rate = guard.fit(
-        _pooled(trunk, d.images, d.train_idx, cfg.batch_size),
-        _pooled(trunk, d.images, d.val_idx, cfg.batch_size),
-    )
-    meta = {**model.meta, "ood": {**guard_spec, "threshold": ood_threshold}}
+    sources = d.sources
+    sets = {
+        source: (
+            _pooled(trunk, d.images, d.train_idx[sources[d.train_idx] == source], cfg.batch_size),
+            _pooled(trunk, d.images, d.val_idx[sources[d.val_idx] == source], cfg.batch_size),
+            True,
+        )
+        for source in d.manifest.source_names
+    }
+    references = {}
+    if reference is not None:
+        references = _reference_sets(reference, trunk, cfg.image_size, cfg.batch_size, sets)
+    if len(sets) == 1 and not references:
+        ood, ood_threshold, _ = guard.fit(*next(iter(sets.values()))[:2])
+        ood_meta = {**guard_spec, "threshold": ood_threshold}
+    else:
+        ood, populations = guard.fit_populations({**sets, **references})
+        ood_meta = {**guard_spec, "populations": [p.to_dict() for p in populations]}
+        for entry in ood_meta["populations"]:
+            if not entry["own"]:
+                entry["data"] = references[entry["name"]][3]
+    meta = {**model.meta, "ood": ood_meta}
     model_folder.save(
         model.folder,
         model.network,
@@ -57,18 +82,22 @@ def fit_postprocessing(
         ood=ood,
     )
     fitted = model_folder.load(model.folder)
-    labels = d.labels[d.val_idx]
-    views = view_scores(fitted, d.val_files)
-    plain_logits, _ = fitted.raw_scores(d.images[d.val_idx])
+    val = d.val
+    labels = val.labels
+    views = view_scores(fitted, val.files)
+    plain_logits, plain_distances = fitted.raw_scores(d.images[d.val_idx])
     logits = np.concatenate([plain_logits, *(z for z, _ in views.values())])
-    patients = np.asarray([data.patient_id(f.name) for f in d.val_files])
     rows = 1 + len(views)
+    val_sources = np.asarray(val.sources)
+    several = len(sets) > 1
     fitted.meta.update(
         metrics.fit_operating_points(
             np.tile(labels, rows),
             logits,
+            cfg.detection_sensitivity,
             source=STRESSED,
-            groups=np.tile(patients, rows),
+            groups=np.tile(val.groups, rows),
+            populations=np.tile(val_sources, rows) if several else None,
         )
     )
     probs = fitted.calibrate(plain_logits)
@@ -77,17 +106,62 @@ def fit_postprocessing(
             labels, probs, point["threshold"]
         ).to_dict()
     fitted.meta["validation"] = {
-        "auc": metrics.auc(labels, plain_logits),
-        "auc_under_views": metrics.auc(np.tile(labels, rows), logits),
+        "auc": metrics.within_source_auc(labels, plain_logits, val_sources),
+        "auc_under_views": metrics.within_source_auc(
+            np.tile(labels, rows), logits, np.tile(val_sources, rows)
+        ),
         "n": len(labels),
         "patients": d.n_val_patients,
         "views": list(views),
     }
-    fitted.meta["ood"]["validation_pass_rate"] = pass_rate
+    if several:
+        fitted.meta["validation"]["auc_rule"] = "mean of each source's own AUC"
+        fitted.meta["validation"]["populations"] = {
+            source: {
+                "auc": metrics.auc(
+                    labels[val_sources == source], plain_logits[val_sources == source]
+                ),
+                "n": int((val_sources == source).sum()),
+            }
+            for source in d.manifest.source_names
+        }
     distances = np.concatenate([dist for _, dist in views.values()])
-    fitted.meta["ood"].update(domain.outer_section(distances, len(labels)))
+    fitted.meta["ood"].update(domain.outer_section(distances, len(labels), fitted.meta["ood"]))
+    tiers = fitted.assess(plain_distances)[0]
+    fitted.meta["ood"]["validation_pass_rate"] = float(
+        np.mean([t == domain.IN_DOMAIN for t in tiers])
+    )
     model_folder.write_meta(fitted.folder, fitted.meta)
     return fitted
+
+
+def _reference_sets(
+    reference: data.DataSets, trunk, size: int, batch_size: int, own: dict
+) -> dict[str, tuple]:
+    """Reference populations' guard features: {name: (train, validation, False, record)}."""
+    listed = data.read_all(reference, "train")
+    images, kept = data.load_images(listed, size)
+    out = {}
+    for source in kept.source_names:
+        if source in own:
+            raise PneumoscanError(
+                f"--reference {source}: the model was trained on it; a reference population "
+                "is one it was not"
+            )
+        index = kept.of_source(source)
+        part = kept.subset(index)
+        train, held = data.carve(part, 0.2)
+        position = {f: i for i, f in zip(index, part.files, strict=True)}
+        train_idx = np.asarray([position[f] for f in train.files])
+        held_idx = np.asarray([position[f] for f in held.files])
+        record = {"images": len(index), "fingerprint": data.fingerprint(part.files)}
+        out[source] = (
+            _pooled(trunk, images, train_idx, batch_size),
+            _pooled(trunk, images, held_idx, batch_size),
+            False,
+            record,
+        )
+    return out
 
 
 STRESSED = "validation, plain and under each shift view"

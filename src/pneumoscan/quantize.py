@@ -27,9 +27,11 @@ CALIBRATION_IMAGES = 128
 GUARD_SCOPE = "/guard_trunk/"  # the ONNX names of the guard's own stages (Scorer.guard_trunk)
 
 
-def calibration_images(data_root: Path, size: int, count: int = CALIBRATION_IMAGES) -> np.ndarray:
+def calibration_images(
+    data_root: data.DataSets, size: int, count: int = CALIBRATION_IMAGES
+) -> np.ndarray:
     """`count` training images (validation carved out first), spread evenly over the classes."""
-    training, _ = data.train_val_split(data.list_split(data_root, "train"))
+    training, _ = data.carve(data.read_all(data_root, "train"))
     rng = np.random.default_rng(0)
     picked = []
     for label in np.unique(training.labels):
@@ -61,7 +63,7 @@ def _fp32_graph(card: model_folder.ModelCard, target: Path) -> None:
     onnx.save(graph, str(target))
 
 
-def add_int8(folder: Path, data_root: Path) -> Path:
+def add_int8(folder: Path, data_root: data.DataSets) -> Path:
     """Quantize the graph of the model folder `folder` and record it in its model.json."""
     import onnx
     from onnxruntime.quantization import (

@@ -15,7 +15,8 @@ from pneumoscan.model_folder import LoadedModel
 
 
 def print_evaluations(results: list[Evaluation]) -> None:
-    """A readable table on stdout."""
+    """A readable table on stdout: each model on the whole set, then on each source and view
+    (when the set has several), sensitivity and specificity with their 95% intervals."""
     from rich.console import Console
     from rich.table import Table
 
@@ -24,35 +25,43 @@ def print_evaluations(results: list[Evaluation]) -> None:
     )
     columns = (
         "model",
+        "images",
         "AUC (95% CI)",
         "ECE",
         "point",
         "thresh",
         "acc",
-        "sens",
-        "spec",
+        "sens (95% CI)",
+        "spec (95% CI)",
         "prec",
         "F1",
         "TP/FP/TN/FN",
     )
     for column in columns:
-        table.add_column(column, justify="left" if column in ("model", "point") else "right")
-    for r in results:
-        for i, (name, p) in enumerate(r.operating_points.items()):
-            table.add_row(
-                r.model if i == 0 else "",
-                f"{r.auc:.3f} ({r.auc_ci[0]:.3f}-{r.auc_ci[1]:.3f})" if i == 0 else "",
-                f"{r.ece:.3f}" if i == 0 else "",
-                name,
-                f"{p.threshold:.3f}",
-                f"{p.accuracy:.3f}",
-                f"{p.sensitivity:.3f}",
-                f"{p.specificity:.3f}",
-                f"{p.precision:.3f}",
-                f"{p.f1:.3f}",
-                f"{p.tp}/{p.fp}/{p.tn}/{p.fn}",
-            )
-    Console(width=None if sys.stdout.isatty() else 120).print(table)
+        table.add_column(
+            column, justify="left" if column in ("model", "images", "point") else "right"
+        )
+    for result in results:
+        for r in [result, *result.breakdown]:
+            first = r is result
+            for i, (name, p) in enumerate(r.operating_points.items()):
+                ci = r.point_cis[name]
+                table.add_row(
+                    (r.model if first else "") if i == 0 else "",
+                    f"{r.subset} ({r.n})" if i == 0 else "",
+                    f"{r.auc:.3f} ({r.auc_ci[0]:.3f}-{r.auc_ci[1]:.3f})" if i == 0 else "",
+                    f"{r.ece:.3f}" if i == 0 else "",
+                    name,
+                    f"{p.threshold:.3f}",
+                    f"{p.accuracy:.3f}",
+                    f"{p.sensitivity:.3f} ({ci['sensitivity'][0]:.2f}-{ci['sensitivity'][1]:.2f})",
+                    f"{p.specificity:.3f} ({ci['specificity'][0]:.2f}-{ci['specificity'][1]:.2f})",
+                    f"{p.precision:.3f}",
+                    f"{p.f1:.3f}",
+                    f"{p.tp}/{p.fp}/{p.tn}/{p.fn}",
+                )
+        table.add_section()
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
 def shown_probability(p: float, digits: int = 3) -> str:

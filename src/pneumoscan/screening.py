@@ -32,6 +32,7 @@ FIELDS = (
     "error",
     "domain",
     "warning",
+    "population",
 )
 
 
@@ -41,6 +42,8 @@ class Prediction:
 
     `domain` is in_domain, shifted (a chest X-ray unlike the training images: scored, with a
     `warning`) or not_chest_xray (`ood` true, no label); None when the file could not be read.
+    `population` is the population the image is most like, for a model whose guard knows
+    several (its training sources, and reference populations such as adults).
     """
 
     file: str
@@ -53,6 +56,7 @@ class Prediction:
     error: str | None = None
     domain: str | None = None
     warning: str | None = None
+    population: str | None = None
     heatmap: str | None = None  # the PNG's path, when written to a folder
     heatmap_png: bytes | None = field(default=None, repr=False)
 
@@ -206,11 +210,12 @@ def score_decoded(
             np.stack([d.image for d in good]), maps=writer is not None
         )
         probs = model.calibrate(logits)
-        guarded = model.ood_threshold is not None
-        for i, (d, p, dist) in enumerate(zip(good, probs, distances, strict=True)):
+        guarded = "ood" in model.meta
+        tiers, nearest, scores = model.assess(distances)
+        for i, (d, p) in enumerate(zip(good, probs, strict=True)):
             if cams:
                 maps[id(d)] = cams[0][i]
-            tier = model.domain(float(dist))
+            tier = tiers[i]
             ood = tier == domain.NOT_CHEST_XRAY
             results[id(d)] = Prediction(
                 file=d.name,
@@ -219,9 +224,10 @@ def score_decoded(
                 threshold=threshold,
                 mode=mode,
                 ood=ood,
-                ood_score=float(dist) if guarded else None,
+                ood_score=float(scores[i]) if guarded else None,
                 domain=tier,
-                warning=domain.WARNINGS.get(tier),
+                warning=model.warning(tier),
+                population=nearest[i],
             )
     for d in decoded:
         if d.image is None:

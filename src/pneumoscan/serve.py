@@ -156,16 +156,22 @@ def model_card(loaded: model_folder.ModelCard, max_file_bytes: int, max_files: i
                 "validation_pass_rate",
                 "method",
                 "outer_threshold",
+                "outer_ratio",
                 "outer_rule",
+                "populations",
             )
+            if k in ood
         },
         "domain": {
             "outcomes": list(domain.DOMAINS),
-            "warnings": domain.WARNINGS,
-            "trained_on": domain.TRAINED_ON,
-            "tiers": "in_domain: guard distance <= ood.threshold (99.5% of validation X-rays); "
-            "shifted: up to ood.outer_threshold; not_chest_xray: beyond it",
+            "warnings": {t: loaded.warning(t) for t in domain.DOMAINS if loaded.warning(t)},
+            "trained_on": domain.describe(loaded.populations),
+            "populations": loaded.populations,
+            "tiers": "in_domain: like a population the model was validated on (guard distance "
+            "within that population's threshold, 99.5% of its validation X-rays); shifted: a "
+            "chest X-ray unlike them, up to the outer threshold; not_chest_xray: beyond it",
         },
+        "data": meta.get("data"),
         "external_check": meta.get(model_folder.EXTERNAL_KEY),  # tools/external_check.py
         "site_calibration": meta.get("site_calibration"),
         "pneumoscan_version": __version__,

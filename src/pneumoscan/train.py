@@ -69,7 +69,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     gen: torch.Generator  # this rank's augmentation draws
     order_gen: torch.Generator  # the epochs' order, shared by all ranks
-    class_weight: torch.Tensor
+    weight: torch.Tensor  # each image's weight in the loss (train and validation positions)
     ema: torch.nn.Module | None  # an average of the weights (AveragedModel), when cfg.ema > 0
     features: torch.Tensor | None = None  # cached frozen-trunk outputs: (views, [2,] N, ...)
     val_features: torch.Tensor | None = None
@@ -95,7 +95,7 @@ class Run:
 
 def train(
     cfg: TrainConfig,
-    data_root: Path,
+    data_root: data.DataSets,
     out_dir: Path,
     device_name: str = "auto",
     resume: bool = False,
@@ -104,10 +104,12 @@ def train(
     progress: bool = True,
     devices: int = 1,
 ) -> model_folder.LoadedModel | None:
-    """Train one model and write it to `out_dir` as a model folder.
+    """Train one model on one or more data sets and write it to `out_dir` as a model folder.
 
-    With `devices` > 1, that many processes train it together (distributed.py).
-    Returns the model; None on the ranks other than 0 of a distributed run.
+    With `cfg.init` (a model folder or bundled name) the network starts from that model's
+    weights: fine-tuning on `data_root`, a site's own images. With `devices` > 1, that many
+    processes train it together (distributed.py). Returns the model; None on the ranks other
+    than 0 of a distributed run.
     """
     out_dir = Path(out_dir)
     checkpoint_path = out_dir / checkpoint.CHECKPOINT_FILE
@@ -127,14 +129,17 @@ def train(
     start_time = time.perf_counter()
 
     torch.manual_seed(cfg.seed)
-    d = _load_data(Path(data_root), cfg)
+    d = _load_data(data_root, cfg)
+    sources = d.manifest.source_names
     log(
         f"data: {len(d.train_idx)} train / {len(d.val_idx)} validation images "
-        f"({d.n_val_patients} validation patients), {cfg.image_size}px, device {device}"
+        f"({d.n_val_patients} validation patients"
+        + (f"; sources {', '.join(sources)}" if len(sources) > 1 else "")
+        + f"), {cfg.image_size}px, device {device}"
         + (f" x {world} processes" if world > 1 else "")
     )
     run = _build(cfg, d, device, rank, world)
-    if run.network.has_frozen_trunk and cfg.feature_views > 0:
+    if getattr(run.network, "has_frozen_trunk", False) and cfg.feature_views > 0:
         _cache_features(run, log)
     state = LoopState()
     if resume:
@@ -184,18 +189,27 @@ def check_out_dir(out_dir: Path, resume: bool, force: bool) -> None:
         )
 
 
-def _load_data(root: Path, cfg: TrainConfig) -> data.TrainingData:
-    d = data.training_data(root, cfg.image_size, cfg.val_fraction, cfg.split_seed, cfg.val_design)
-    if len(d.class_names) != 2 or len(np.unique(d.labels[d.train_idx])) != 2:
-        raise PneumoscanError(f"{root}/train: need two classes with images in each")
+def _load_data(sets: data.DataSets, cfg: TrainConfig) -> data.TrainingData:
+    d = data.training_data(sets, cfg.image_size, cfg.val_fraction, cfg.split_seed, cfg.val_design)
+    for source in d.manifest.source_names:
+        index = d.manifest.of_source(source)
+        train = np.intersect1d(index, d.train_idx)
+        missing = [c for k, c in enumerate(d.class_names) if not (d.labels[train] == k).any()]
+        if missing:
+            raise PneumoscanError(
+                f"--data: source {source!r} has no {' or '.join(missing)} image to train on; "
+                "every source needs images of both classes"
+            )
+    if len(d.class_names) != 2:
+        raise PneumoscanError(f"--data: need two classes, found {', '.join(d.class_names)}")
     return d
 
 
 def _build(
     cfg: TrainConfig, d: data.TrainingData, device: torch.device, rank: int, world: int
 ) -> Run:
-    """The network, its optimizer and schedule, the generators and the class weights."""
-    network = create_model(cfg.model, cfg.image_size, **cfg.model_args)
+    """The network, its optimizer and schedule, the generators and the images' weights."""
+    network = initial_network(cfg)
     network = network.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(
         layer_groups(network, cfg.lr, cfg.lr_decay), weight_decay=cfg.weight_decay
@@ -209,8 +223,7 @@ def _build(
     # The epochs' order is shared by all ranks; augmentation draws differ per rank.
     gen = torch.Generator().manual_seed(cfg.seed + rank)
     order_gen = gen if world == 1 else torch.Generator().manual_seed(cfg.seed)
-    counts = np.bincount(d.labels[d.train_idx], minlength=2)
-    class_weight = torch.tensor(len(d.train_idx) / (2 * counts), dtype=torch.float32, device=device)
+    weight = torch.from_numpy(image_weights(d, cfg.source_weight)).to(device)
     ema = averaged(network, cfg.ema)
     return Run(
         cfg,
@@ -223,9 +236,41 @@ def _build(
         scheduler,
         gen,
         order_gen,
-        class_weight,
+        weight,
         ema,
     )
+
+
+def initial_network(cfg: TrainConfig) -> torch.nn.Module:
+    """A new network of the recipe, or with `cfg.init` the network of that trained model."""
+    if cfg.init is None:
+        return create_model(cfg.model, cfg.image_size, **cfg.model_args)
+    start = model_folder.load(cfg.init)
+    if start.input_size != cfg.image_size:
+        raise PneumoscanError(
+            f"--init {cfg.init}: the model reads {start.input_size} px images, not "
+            f"{cfg.image_size}; leave --image-size out"
+        )
+    return start.network
+
+
+def image_weights(d: data.TrainingData, source_weight: dict[str, float]) -> np.ndarray:
+    """Each image's weight in the loss: the classes balanced within each source (train is 74%
+    pneumonia), each source weighing as many images as it has training images, times its
+    `source_weight` (default 1). Validation images take their source's and class's weight."""
+    weight = np.ones(len(d.labels), np.float32)
+    sources = d.sources
+    training = np.zeros(len(d.labels), bool)
+    training[d.train_idx] = True
+    for source in d.manifest.source_names:
+        of_source = sources == source
+        n = (of_source & training).sum()
+        for k in range(len(d.class_names)):
+            members = of_source & (d.labels == k)
+            count = (members & training).sum()
+            weight[members] = n / (len(d.class_names) * max(count, 1))
+        weight[of_source] *= float(source_weight.get(source, 1.0))
+    return weight
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -242,6 +287,8 @@ def layer_groups(network: torch.nn.Module, lr: float, decay: float) -> list[dict
     conv_head, the new linear layer) is a layer; a BatchNorm goes with the layer before it.
     Counting from the output, layer k learns at lr * decay**k; decay 1 is one rate for all.
     """
+    if not hasattr(network, "head"):  # a mixture, fine-tuned as a whole: one rate
+        return [{"params": [p for p in network.parameters() if p.requires_grad], "lr": lr}]
     layers: list[list[torch.nn.Parameter]] = []
     for child in network.head.children():
         params = [p for p in child.parameters() if p.requires_grad]
@@ -329,7 +376,8 @@ def _step(run: Run, positions: np.ndarray) -> float:
     """One optimizer step on the training images at `positions`; returns the batch's loss."""
     x = _batch_input(run, positions)
     y = torch.from_numpy(run.train_labels[positions]).to(run.device)
-    x, target, weight = soft_targets(x, y, run.class_weight[y], run.cfg, run.gen)
+    weight = run.weight[torch.from_numpy(run.data.train_idx[positions]).to(run.device)]
+    x, target, weight = soft_targets(x, y, weight, run.cfg, run.gen)
     consistency = run.cfg.consistency  # x then holds the batch and the same under another exposure
     with autocast(run.device):
         out = run.trained(x).reshape(-1).float()
@@ -388,10 +436,8 @@ def _validate(run: Run) -> tuple[float, float]:
     z = torch.cat(logits)
     val_labels = d.labels[d.val_idx]
     y = torch.from_numpy(val_labels).float()
-    loss = float(
-        F.binary_cross_entropy_with_logits(z, y, weight=run.class_weight.cpu()[val_labels])
-    )
-    return loss, metrics.auc(val_labels, z.numpy())
+    loss = float(F.binary_cross_entropy_with_logits(z, y, weight=run.weight.cpu()[d.val_idx]))
+    return loss, metrics.within_source_auc(val_labels, z.numpy(), d.sources[d.val_idx])
 
 
 def _save_checkpoint(run: Run, state: LoopState, path: Path) -> None:
@@ -417,7 +463,7 @@ def _save_best(
     run: Run,
     state: LoopState,
     out_dir: Path,
-    data_root: Path,
+    data_root: data.DataSets,
     wall: float,
     log: Callable[[str], None],
 ) -> model_folder.LoadedModel:
@@ -439,11 +485,23 @@ def _save_best(
 def _describe(run: Run, state: LoopState, wall: float) -> dict:
     """What model.json says about the network and its training (post-fitting adds the rest)."""
     cfg, d, device = run.cfg, run.data, run.device
+    network = {"name": cfg.model, "architecture": cfg.model, "model_args": cfg.model_args}
+    fine_tuned = {}
+    if cfg.init is not None:
+        start = model_folder.read_card(cfg.init)
+        network = {k: start.meta[k] for k in ("architecture", "model_args")}
+        network["name"] = f"{start.name}-finetuned"
+        fine_tuned = {
+            "fine_tuned_from": {
+                "model": start.name,
+                "folder": str(start.folder),
+                "weights_sha256": start.meta["weights"]["sha256"],
+                "data": start.meta.get("data"),
+            }
+        }
     return {
-        "name": cfg.model,
-        "architecture": cfg.model,
+        **network,
         "input_size": cfg.image_size,
-        "model_args": cfg.model_args,
         "class_names": d.class_names,
         "training": {
             "config": asdict(cfg),
@@ -455,14 +513,10 @@ def _describe(run: Run, state: LoopState, wall: float) -> dict:
             else f"cpu x{torch.get_num_threads()}",
             "wall_time_s": round(wall, 1),
             "processes": run.world,
+            **fine_tuned,
         },
         # The split's settings are in training.config; these are what they gave on this data.
-        "data": {
-            "fingerprint": d.fingerprint,
-            "n_train": len(d.train_idx),
-            "n_val": len(d.val_idx),
-            "grouped_by": "patient id from the file name",
-        },
+        "data": d.describe(),
     }
 
 
