@@ -94,6 +94,13 @@ def main() -> None:
         "--external", type=Path, default=Path("../shared/data/external/figure1_covid_cxr/images")
     )
     parser.add_argument("--models", default="ensemble,dense,cnn,transfer")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="NAME=PATH: another labelled set (a folder or CSV data.read takes), e.g. "
+        "nih_adult_test=experiments/nih_adult/test.csv; repeatable",
+    )
     args = parser.parse_args()
 
     train = data.list_split(args.data, "train")
@@ -101,10 +108,18 @@ def main() -> None:
     sets = {
         "validation": [reader.read_image(f) for f in val.files],
         "test": [reader.read_image(f) for f in data.list_split(args.data, "test").files],
-        "external": [reader.read_image(f) for f in expand_paths([args.external])],
+        # COVID-00020 is a Kermany training image (the set's README): no external film.
+        "external": [
+            reader.read_image(f)
+            for f in expand_paths([args.external])
+            if not f.name.startswith("COVID-00020.")
+        ],
         "non_xray_packaged": [im for _, im in packaged_non_xrays()],
         "non_xray_generated": [im for _, im in generated_non_xrays()],
     }
+    for spec in args.set:
+        name, _, path = spec.partition("=")
+        sets[name] = [reader.read_image(f) for f in data.read(path).files]
     rows = []
     for name in args.models.split(","):
         model = runtime.load(name)

@@ -1,10 +1,12 @@
 """Exposure and windowing invariance: does the same X-ray keep its label and probability?
 
-    python bench/exposure.py --data DIR [--models ensemble,dense,cnn,transfer]
-                             [--splits validation,test] [--every 4]
+    python bench/exposure.py --data DIR [--data NAME=CSV ...] [--test-data CSV ...]
+                             [--models ensemble,dense,cnn,transfer] [--splits validation,test]
+                             [--every 4]
 
-For every `--every`-th image of each split (validation: carved from train as the models' own
-split, for decisions; test: for the record) and each transform, the detection-point label flips,
+For every `--every`-th image of each split of each source (validation: carved from the
+training data sets as the first model's own training carved them, for decisions; test: each
+Kermany-layout folder's test/ and each --test-data set, for the record) and each transform, the detection-point label flips,
 the largest change of the calibrated probability against the untouched image, how many images
 it moves by more than 0.05 (`over_tolerance`), and how many images change domain-check outcome
 (domain.py). Transforms:
@@ -18,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 from datetime import date
-from pathlib import Path
 
 import numpy as np
 import record
 
 from pneumoscan import data, reader, runtime, shift
+from pneumoscan.config import saved_config
 
 TOLERANCE = 0.05  # issue 19: the same X-ray's probability within 0.05 under every transform
 
@@ -56,19 +58,26 @@ def measure(model, originals: list[np.ndarray]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--data", action="append", required=True, help="repeatable")
+    parser.add_argument("--test-data", action="append", default=[], help="repeatable")
     parser.add_argument("--models", default="ensemble,dense,cnn,transfer")
     parser.add_argument("--splits", default="validation,test")
     parser.add_argument("--every", type=int, default=4)
     args = parser.parse_args()
 
-    files = {}
+    cfg = saved_config(runtime.load(args.models.split(",")[0]).meta)
+    parts = {}
     if "validation" in args.splits:
-        files["validation"] = data.carve(data.list_split(args.data, "train"))[1].files
+        carved = data.carve(data.read_all(args.data, "train"), cfg.val_fraction, cfg.split_seed)
+        for source in carved[1].source_names:
+            parts[("validation", source)] = carved[1].subset(carved[1].of_source(source)).files
     if "test" in args.splits:
-        files["test"] = data.list_split(args.data, "test").files
+        tested = [s for s in args.data if not str(s).endswith(".csv")] + args.test_data
+        listed = data.read_all(tested, "test")
+        for source in listed.source_names:
+            parts[("test", source)] = listed.subset(listed.of_source(source)).files
     out = []
-    for split, listed in files.items():
+    for (split, source), listed in parts.items():
         originals = [reader.read_image(f) for f in listed[:: args.every]]
         for name in args.models.split(","):
             model = runtime.load(name)
@@ -77,6 +86,7 @@ def main() -> None:
                     "date": date.today().isoformat(),
                     "model": name,
                     "split": split,
+                    "source": source,
                     "images": len(originals),
                     **row,
                 }

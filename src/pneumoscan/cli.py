@@ -186,24 +186,75 @@ def train(
 
 @app.command()
 def join(
-    folders: list[Path] = typer.Argument(
-        ..., help="Model folders trained on the same data (any of dense, cnn, transfer)."
+    folders: list[Path] | None = typer.Argument(
+        None, help="Model folders trained on the same data (any of dense, cnn, transfer)."
     ),
     data: list[str] = DATA_OPTION,
     out: Path = typer.Option(..., "--out", help="Folder for the joined model."),
     name: str | None = typer.Option(None, "--name", help="The joined model's name."),
+    population: list[str] | None = typer.Option(
+        None,
+        "--population",
+        help="SOURCE=MODEL: the model trained on that source is its population's expert, and a "
+        "gate scores each image by the expert of the population it is like. Repeat it; give "
+        "--data once per population, in the same order.",
+    ),
+    target_sensitivity: str | None = typer.Option(
+        None,
+        "--target-sensitivity",
+        help="With --population: the detection point's validation sensitivity, one for all "
+        "(0.98) or per population (nih_adult=0.92,default=0.98).",
+    ),
+    reference: list[str] | None = typer.Option(
+        None,
+        "--reference",
+        help="Chest X-rays of a population the model was not trained on (e.g. adults, for a "
+        "model of children): an image most like them is never in domain. Repeatable.",
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite a model already in OUT."),
 ) -> None:
-    """Join trained models into one (their mean logit); refit its thresholds on validation."""
+    """Join trained models into one (their mean logit), or models of different populations as
+    experts with a gate (--population); refit the guard and thresholds on validation."""
     require_train("pneumoscan join")
-    from pneumoscan.join import join_models
+    from pneumoscan.join import join_models, join_populations
 
-    joined = join_models(folders, data, out, name, force)
+    if population:
+        if folders:
+            raise PneumoscanError("--population names every model: give no folders besides")
+        experts = dict(_pair(p, "--population") for p in population)
+        joined = join_populations(
+            experts, data, out, name, _targets(target_sensitivity), reference, force
+        )
+    else:
+        if reference or target_sensitivity:
+            raise PneumoscanError("--reference and --target-sensitivity work with --population")
+        joined = join_models(folders or [], data, out, name, force)
     points = joined.meta["operating_points"]
     typer.echo(
         f"{out}: {joined.description}, validation AUC {joined.meta['validation']['auc']:.4f}; "
         "thresholds " + ", ".join(f"{k} {v['threshold']:.3f}" for k, v in points.items())
     )
+
+
+def _pair(text: str, option: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise PneumoscanError(f"{option} {text!r}: write NAME=VALUE")
+    return key, value
+
+
+def _targets(text: str | None) -> float | dict | None:
+    """--target-sensitivity: one share, or NAME=share pairs separated by commas."""
+    if text is None:
+        return None
+    try:
+        if "=" not in text:
+            return float(text)
+        return {k: float(v) for k, v in (_pair(t, "--target-sensitivity") for t in text.split(","))}
+    except ValueError:
+        raise PneumoscanError(
+            f"--target-sensitivity {text!r}: write 0.98, or nih_adult=0.92,default=0.98"
+        ) from None
 
 
 @app.command()

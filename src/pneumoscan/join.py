@@ -106,6 +106,169 @@ def _joined_meta(folders: list[Path], members: list[model_folder.LoadedModel]) -
     return meta
 
 
+def join_populations(
+    experts: dict[str, str | Path],
+    data_root: data.DataSets,
+    out_dir: Path,
+    name: str | None = None,
+    detection_sensitivity: float | dict | None = None,
+    reference: data.DataSets | None = None,
+    force: bool = False,
+) -> model_folder.LoadedModel:
+    """Models of different populations as one (`models.Mixture` with populations): each model
+    the expert of the source it was trained on (`experts`: source name -> model), and a gate,
+    fitted here on the training images of every source, that weighs the experts by which
+    population an image is like. Then the guard (a Gaussian per population), calibration and
+    both points are fitted on each source's validation, carved as each expert's own training
+    carved it, so no validation image trained anything."""
+    if len(experts) < 2:
+        raise PneumoscanError("join --population: give at least two populations")
+    out_dir = Path(out_dir)
+    if (out_dir / model_folder.META_FILE).exists() and not force:
+        raise PneumoscanError(
+            f"--out {out_dir}: already holds a model; pass --force to overwrite it"
+        )
+    loaded = {source: model_folder.load(model) for source, model in experts.items()}
+    configs = {source: saved_config(m.meta) for source, m in loaded.items()}
+    first = next(iter(configs.values()))
+    for source, m in loaded.items():
+        if m.populations != [source]:
+            raise PneumoscanError(
+                f"--population {source}={experts[source]}: that model was trained on "
+                f"{', '.join(m.populations)}, not on {source}"
+            )
+        cfg = configs[source]
+        if (cfg.image_size, cfg.split_seed, cfg.val_design) != (
+            first.image_size,
+            first.split_seed,
+            first.val_design,
+        ):
+            raise PneumoscanError(
+                f"--population {source}: its input size or validation design differs from the "
+                "first population's; experts must share them"
+            )
+    shares = {s: c.val_fraction for s, c in configs.items()}
+    d = data.training_data(data_root, first.image_size, shares, first.split_seed, first.val_design)
+    if d.manifest.source_names != list(experts):
+        raise PneumoscanError(
+            f"--data: holds the sources {', '.join(d.manifest.source_names)}; give one data set "
+            f"per population, in the order of --population ({', '.join(experts)})"
+        )
+    for source, m in loaded.items():
+        part = d.manifest.subset(d.manifest.of_source(source))
+        if data.fingerprint(part.files) != m.meta["data"]["fingerprint"]:
+            raise PneumoscanError(
+                f"--data: the {source} images are not those {experts[source]} was trained on"
+            )
+    network, meta = _population_network(loaded, d, first.image_size)
+    meta["name"] = name or "+".join(experts)
+    cfg = replace(
+        first,
+        val_fraction=shares,
+        detection_sensitivity=detection_sensitivity or first.detection_sensitivity,
+    )
+    meta["training"] = {
+        "config": asdict(cfg),
+        "populations": {
+            source: {
+                "model": m.name,
+                "folder": str(m.folder),
+                "description": m.description,
+                "validation_auc": m.meta["validation"]["auc"],
+                "config": asdict(configs[source]),
+            }
+            for source, m in loaded.items()
+        },
+        "gate": meta.pop("gate"),
+        "wall_time_s": round(sum(m.meta["training"]["wall_time_s"] for m in loaded.values()), 1),
+    }
+    model_folder.save(out_dir, network, meta)
+    return postfit.fit_postprocessing(model_folder.load(out_dir), data_root, reference)
+
+
+def _population_network(
+    loaded: dict[str, model_folder.LoadedModel], d: data.TrainingData, size: int
+) -> tuple:
+    """Every expert's members side by side, a weights row per population, and the gate: a
+    logistic regression of the population on the pooled features of the first frozen trunk."""
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from pneumoscan.device import trunk_features
+    from pneumoscan.guard import Guard
+    from pneumoscan.models import Mixture, mixture
+
+    members, specs, rows = [], [], []
+    for m in loaded.values():
+        network = m.network
+        if isinstance(network, Mixture):
+            own = list(network.members)
+            weights = network.weights[0].tolist()
+            parts = model_folder.parts(m.meta)
+        else:
+            own, weights, parts = [network], [1.0], [(m.meta["architecture"], m.meta["model_args"])]
+        rows.append((len(members), weights))
+        members += own
+        specs += [{"architecture": a, "model_args": args} for a, args in parts]
+    matrix = [[0.0] * len(members) for _ in rows]
+    for k, (start, weights) in enumerate(rows):
+        matrix[k][start : start + len(weights)] = weights
+    gate_member = next((i for i, m in enumerate(members) if m.has_frozen_trunk), None)
+    if gate_member is None:
+        raise PneumoscanError(
+            "join --population: the gate reads a frozen ImageNet trunk; give at least one "
+            "transfer model"
+        )
+    guard_input = model_folder.guard_input(next(iter(loaded.values())).meta)
+    network = mixture(members, specs, guard_input, matrix, gate_member)
+    network.share_trunks()
+    trunk = members[gate_member].trunk
+    pooled = Guard.pool(
+        trunk_features(trunk, d.images, d.train_idx, torch.device("cpu"), 64)
+    ).numpy()
+    names = list(loaded)
+    target = np.asarray([names.index(s) for s in d.sources[d.train_idx]])
+    scaler = StandardScaler().fit(pooled)
+    fitted = LogisticRegression(C=0.1, max_iter=5000, class_weight="balanced")
+    fitted.fit(scaler.transform(pooled), target)
+    coef = fitted.coef_ / scaler.scale_
+    bias = fitted.intercept_ - coef @ scaler.mean_
+    if len(names) == 2:  # scikit-learn's binary model: one row, for the second class
+        coef, bias = np.stack([-coef[0] / 2, coef[0] / 2]), np.asarray([-bias[0] / 2, bias[0] / 2])
+    with torch.no_grad():
+        network.gate.weight.copy_(torch.from_numpy(coef).float())
+        network.gate.bias.copy_(torch.from_numpy(bias).float())
+    val_pooled = Guard.pool(
+        trunk_features(trunk, d.images, d.val_idx, torch.device("cpu"), 64)
+    ).numpy()
+    val_target = np.asarray([names.index(s) for s in d.sources[d.val_idx]])
+    gate = {
+        "method": "logistic regression of the population on the mean- and std-pooled output of "
+        f"member {gate_member}'s frozen trunk, fit on the training images",
+        "train_accuracy": float(fitted.score(scaler.transform(pooled), target)),
+        "validation_accuracy": float(
+            (fitted.predict(scaler.transform(val_pooled)) == val_target).mean()
+        ),
+    }
+    first = next(iter(loaded.values()))
+    meta = {
+        "architecture": "mixture",
+        "input_size": size,
+        "class_names": first.class_names,
+        "model_args": {
+            "members": specs,
+            "weights": matrix,
+            "gate_member": gate_member,
+            "populations": names,
+        },
+        "data": d.describe(),
+        "gate": gate,
+    }
+    return network, meta
+
+
 @dataclass
 class _PlanRun:
     """The settings every member of a plan trains and joins with."""

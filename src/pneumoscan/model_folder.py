@@ -275,8 +275,8 @@ def _write_tensors(path: Path, module: torch.nn.Module, dtype: torch.dtype) -> s
     """Atomically write a module's state as safetensors; return the file's SHA-256."""
     from safetensors.torch import save_file
 
-    state = {
-        k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+    state = {  # cloned: members that share a trunk module hold its tensors twice
+        k: (v.to(dtype) if v.is_floating_point() else v).contiguous().clone()
         for k, v in module.state_dict().items()
     }
     tmp = path.with_suffix(".tmp")
@@ -310,7 +310,7 @@ def load(model: str | Path) -> LoadedModel:
     import torch
 
     from pneumoscan.guard import Guard
-    from pneumoscan.models import Scorer, create_model
+    from pneumoscan.models import Mixture, Scorer, create_model
 
     card = read_card(model)
     meta = card.meta
@@ -324,6 +324,8 @@ def load(model: str | Path) -> LoadedModel:
         args = _without_pretraining(meta["architecture"], args)
     network = create_model(meta["architecture"], meta["input_size"], **args)
     network.load_state_dict(_read_tensors(card, "weights"))
+    if isinstance(network, Mixture):
+        network.share_trunks()
     ood = None
     if "ood" in meta:
         ood = Guard(len(meta["ood"].get("populations") or [None]))

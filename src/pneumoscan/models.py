@@ -42,11 +42,18 @@ class Classifier(nn.Module):
         return logits.view(len(self.views), -1).mean(0)  # the views are stacked view-major
 
     def score(
-        self, x: torch.Tensor, with_map: bool = False
+        self, x: torch.Tensor, with_map: bool = False, trunks: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The frozen trunk's output (the guard's features, when they are the same), the logits
-        and, `with_map`, the class activation map at the input's size (`activation_map`)."""
-        features = self.trunk(x)
+        and, `with_map`, the class activation map at the input's size (`head_logits_and_map`).
+        `trunks` holds the outputs of trunks already run on `x`, by module: a trunk that
+        several members share runs once."""
+        if trunks is not None and id(self.trunk) in trunks:
+            features = trunks[id(self.trunk)]
+        else:
+            features = self.trunk(x)
+            if trunks is not None:
+                trunks[id(self.trunk)] = features
         if not with_map:
             return features, self.forward(x) if self.views else self.head(features).squeeze(1), None
         logits, cam = head_logits_and_map(self.head, features)
@@ -119,30 +126,75 @@ class MeanOfHeads(nn.Module):
 
 
 class Mixture(nn.Module):
-    """Models of different architectures, each run on the image: their mean logit.
+    """Models of different architectures, each run on the image, as one: their mean logit.
 
+    With `populations`, one expert per population: row k of `weights` (populations x members)
+    makes population k's logit from the members', and a gate, a linear map of the mean- and
+    std-pooled features of member `gate_member`'s frozen trunk, weighs the populations' logits
+    by its softmax, so an image is scored by the expert of the population it is like.
     `shared` is the index of the member whose frozen trunk is the guard's feature extractor
-    (None if none is): the scorer then takes the guard's features from that member.
+    (None if none is): the scorer then takes the guard's features from that member. Members
+    holding one trunk module (`share_trunks`) run it once.
     """
 
-    def __init__(self, members: list[Classifier], shared: int | None = None):
+    def __init__(
+        self,
+        members: list[Classifier],
+        shared: int | None = None,
+        weights: list[list[float]] | None = None,
+        gate_member: int | None = None,
+    ):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.shared = shared
+        rows = weights or [[1 / len(members)] * len(members)]
+        self.register_buffer("weights", torch.tensor(rows, dtype=torch.float32), persistent=False)
+        self.gate_member = gate_member
+        self.gate = None
+        if len(rows) > 1:
+            from pneumoscan.guard import FEATURES
+
+            self.gate = nn.Linear(FEATURES, len(rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([member(x) for member in self.members]).mean(0)
+        return self.score(x)[1]
 
     def score(
         self, x: torch.Tensor, with_map: bool = False
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """As `Classifier.score`: the features of the member whose trunk is the guard's (None
-        if none is), the mean logit and the mean of the members' maps, weighted as the logits."""
-        outputs = [member.score(x, with_map) for member in self.members]
+        if none is), the logit and the members' maps, weighted as the logits are."""
+        trunks: dict = {}
+        outputs = [member.score(x, with_map, trunks) for member in self.members]
         features = outputs[self.shared][0] if self.shared is not None else None
-        logits = torch.stack([z for _, z, _ in outputs]).mean(0)
-        cam = torch.stack([m for _, _, m in outputs]).mean(0) if with_map else None
-        return features, logits, cam
+        logits = torch.stack([z for _, z, _ in outputs], 1) @ self.weights.T  # (N, populations)
+        maps = None
+        if with_map:
+            stacked = torch.stack([m for _, _, m in outputs], 1)
+            maps = torch.einsum("nmhw,km->nkhw", stacked, self.weights)
+        if self.gate is None:
+            return features, logits[:, 0], None if maps is None else maps[:, 0]
+        gate = self.population_weights(outputs[self.gate_member][0])
+        logits = (gate * logits).sum(1)
+        return features, logits, None if maps is None else torch.einsum("nk,nkhw->nhw", gate, maps)
+
+    def population_weights(self, features: torch.Tensor) -> torch.Tensor:
+        """The gate: (N, populations) weights, summing to 1, from a frozen trunk's output."""
+        from pneumoscan.guard import Guard
+
+        return torch.softmax(self.gate(Guard.pool(features)), 1)
+
+    def share_trunks(self) -> None:
+        """Let members whose frozen trunks hold the same weights hold one module."""
+        kept: list[nn.Module] = []
+        for member in self.members:
+            if not member.has_frozen_trunk:
+                continue
+            same = next((t for t in kept if _same_module(t, member.trunk)), None)
+            if same is None:
+                kept.append(member.trunk)
+            else:
+                member.trunk = same
 
     @property
     def has_map(self) -> bool:
@@ -156,13 +208,26 @@ class Mixture(nn.Module):
         return self.members[self.shared].trunk
 
 
+def _same_module(a: nn.Module, b: nn.Module) -> bool:
+    """The same layers (by their reprs: the preparation too) holding the same weights."""
+    if repr(a) != repr(b):
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def mixture(
-    members: list[Classifier], specs: list[dict], guard_input: dict = GUARD_INPUT
+    members: list[Classifier],
+    specs: list[dict],
+    guard_input: dict = GUARD_INPUT,
+    weights: list[list[float]] | None = None,
+    gate_member: int | None = None,
 ) -> Mixture:
     """Join networks of different recipes; `specs` holds each one's architecture and model_args.
-    A member whose frozen trunk is the guard's extractor (`guard_input`) runs it for the guard."""
+    A member whose frozen trunk is the guard's extractor (`guard_input`) runs it for the guard;
+    `weights` and `gate_member` make it one expert per population (`Mixture`)."""
     parts = [(s["architecture"], s["model_args"]) for s in specs]
-    return Mixture(members, guard_member(parts, guard_input))
+    return Mixture(members, guard_member(parts, guard_input), weights, gate_member)
 
 
 def share_trunk(members: list[Classifier]) -> bool:
@@ -366,9 +431,11 @@ def transfer(
     equalize: bool | tuple[float, float] = False,
     equalize_first: bool = False,
     base: str = "lite0",
+    head: str = "blocks",
 ) -> Classifier:
     """EfficientNet-Lite (`base`: lite0, lite1, lite2) with ImageNet weights; only the top
-    blocks and a new head train."""
+    blocks and a new head train. `head: linear`: no top blocks, a linear unit on the frozen
+    trunk's pooled output (a linear probe: what a few hundred images can fit)."""
     import timm
 
     del image_size
@@ -388,7 +455,18 @@ def transfer(
     )
     for p in trunk.parameters():
         p.requires_grad_(False)
-    head = nn.Sequential(
+    if head == "linear":
+        with torch.no_grad():
+            channels = trunk.eval()(torch.zeros(1, 1, 64, 64)).shape[1]
+        return Classifier(
+            trunk,
+            nn.Sequential(
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels, 1)
+            ),
+        )
+    if head != "blocks":
+        raise PneumoscanError(f"model_args head {head!r}: choose blocks or linear")
+    top = nn.Sequential(
         *net.blocks[split:],
         net.conv_head,
         net.bn2,
@@ -397,7 +475,7 @@ def transfer(
         nn.Dropout(dropout),
         nn.Linear(net.num_features, 1),
     )
-    return Classifier(trunk, head)
+    return Classifier(trunk, top)
 
 
 def imagenet_trunk(stages: int, **prepare) -> nn.Sequential:
@@ -509,7 +587,9 @@ def create_model(
     """
     if name == "mixture":
         built = [create_model(m["architecture"], image_size, **m["model_args"]) for m in members]
-        return mixture(built, members, guard_input)
+        return mixture(
+            built, members, guard_input, kwargs.get("weights"), kwargs.get("gate_member")
+        )
     if name not in _FACTORIES:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
     for key in ("hidden", "channels"):
