@@ -8,7 +8,7 @@ from helpers import QUICK, quick, silent
 from pneumoscan import model_folder, train
 from pneumoscan.config import load_config, load_plan
 from pneumoscan.errors import PneumoscanError
-from pneumoscan.join import join_models, train_plan
+from pneumoscan.join import join_models, join_populations, train_plan
 
 
 @pytest.mark.slow
@@ -189,3 +189,56 @@ def test_joining_refuses_one_member_an_unknown_one_and_an_occupied_folder(
     with pytest.raises(PneumoscanError, match="already holds a model; pass --force"):
         join_models(folders, small_data, tiny_models["dense"])
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_experts_per_population_are_gated_by_the_population_an_image_is_like(
+    small_data: Path, nih_small: Path, tmp_path: Path
+) -> None:
+    """A model of children and one of adults joined as experts: the gate sends each image to
+    its population's expert, the graph gives the same, and mistakes are refused in one line."""
+    import torch
+
+    from pneumoscan import reader, runtime
+
+    children = f"chest_xray={small_data}"
+    for folder, sets in (("children", children), ("adults", f"nih_adult={nih_small}")):
+        cfg = quick("transfer", max_steps=4)
+        train.train(cfg, sets, tmp_path / folder, "cpu", log=silent, progress=False)
+    experts = {"chest_xray": tmp_path / "children", "nih_adult": tmp_path / "adults"}
+    joined = join_populations(
+        experts,
+        [children, f"nih_adult={nih_small}"],
+        tmp_path / "both",
+        "both",
+        {"default": 0.98, "nih_adult": 0.9},
+    )
+    assert joined.meta["model_args"]["populations"] == ["chest_xray", "nih_adult"]
+    assert joined.meta["model_args"]["weights"] == [[1.0, 0.0], [0.0, 1.0]]
+    assert joined.meta["training"]["gate"]["validation_accuracy"] > 0.9
+    network = joined.network
+    assert network.members[0].trunk is network.members[1].trunk  # one trunk, run once
+    child = reader.load(sorted((small_data / "test" / "PNEUMONIA").iterdir())[0], 128)
+    adult = reader.load(Path(nih_small.read_text().splitlines()[1].split(",")[0]), 128)
+    images = np.stack([child, adult])
+    x = torch.from_numpy(images[:, None].astype(np.float32) / 255)
+    with torch.no_grad():
+        gate = network.population_weights(network.members[0].trunk(x))
+        expected = [m(x) for m in network.members]
+    assert gate[0, 0] > 0.9 and gate[1, 1] > 0.9
+    mixed = (gate[:, 0] * expected[0] + gate[:, 1] * expected[1]).numpy()
+    assert np.allclose(joined.raw_scores(images)[0], mixed, atol=1e-4)
+    onnx = runtime.load(tmp_path / "both")
+    assert np.abs(onnx.probabilities(images) - joined.probabilities(images)).max() < 1e-4
+    assert onnx.heatmap(images[1]).shape == (128, 128)
+    detection = joined.meta["operating_points"]["detection"]["populations"]
+    assert detection["nih_adult"]["detection_target"] == 0.9
+    assert onnx.assess(onnx.raw_scores(images)[1])[1] == ["chest_xray", "nih_adult"]
+    with pytest.raises(PneumoscanError, match="trained on chest_xray, not on nih_adult"):
+        join_populations(
+            {"chest_xray": experts["chest_xray"], "nih_adult": experts["chest_xray"]},
+            [children, f"nih_adult={nih_small}"],
+            tmp_path / "x",
+        )
+    with pytest.raises(PneumoscanError, match="one data set per population"):
+        join_populations(experts, [f"nih_adult={nih_small}", children], tmp_path / "y")

@@ -45,9 +45,16 @@ def main() -> None:
         "Chest X-ray Dataset)",
         help="What the films are, for the record.",
     )
+    parser.add_argument(
+        "--exclude",
+        default="COVID-00020",
+        help="Comma-separated file stems to leave out (default: COVID-00020, a Kermany "
+        "training image, as the films' README says).",
+    )
     args = parser.parse_args()
     images = args.films / "images" if (args.films / "images").is_dir() else args.films
-    files = screening.expand_paths([images])
+    left_out = set(args.exclude.split(","))
+    files = [f for f in screening.expand_paths([images]) if f.stem not in left_out]
     clean = no_finding(args.films / "metadata.csv")
     for folder in args.folders:
         model = runtime.load(folder)
