@@ -13,11 +13,16 @@ $(BIN)/pneumoscan: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-## Evaluate the four bundled models (dense, cnn, transfer, ensemble) on the test split of
-## $PNEUMOSCAN_DATA; without the data set, screen the example X-rays that ship in the package.
+## Evaluate the study's bundled models (dense, cnn, transfer, ensemble) on the test split of
+## $PNEUMOSCAN_DATA, and children-adults on it and on the NIH adults' test part where those films
+## lie beside it; without the data set, screen the example X-rays that ship in the package.
+NIH_TEST := experiments/nih_adult/test.csv
 run: $(BIN)/pneumoscan
 	@if [ -d "$(PNEUMOSCAN_DATA)/test" ]; then \
 	  $(BIN)/pneumoscan evaluate --model dense --model cnn --model transfer --model ensemble --data "$(PNEUMOSCAN_DATA)" --split test; \
+	  if [ -f "$$(dirname $(NIH_TEST))/$$(sed -n 2p $(NIH_TEST) | cut -d, -f1)" ]; then \
+	    $(BIN)/pneumoscan evaluate --model children-adults --model ensemble --data "$(PNEUMOSCAN_DATA)" --data $(NIH_TEST); \
+	  fi; \
 	else \
 	  echo "no data set at $(PNEUMOSCAN_DATA) (set PNEUMOSCAN_DATA=DIR): screening the example X-rays instead" >&2; \
 	  $(BIN)/pneumoscan predict --example --sort; \

@@ -48,10 +48,14 @@ def describe(populations: list[str]) -> str:
     return "; ".join(KNOWN_POPULATIONS.get(p, f"the images of {p}") for p in populations)
 
 
-def warning(tier: str, populations: list[str]) -> str | None:
-    """The result's warning for a domain tier, naming the populations the model knows."""
+def warning(tier: str, populations: list[str], nearest: str | None = None) -> str | None:
+    """The result's warning for a domain tier, naming the populations the model knows and,
+    when the image is most like a reference population (one it was not trained on), that one."""
     if tier == SHIFTED:
-        return f"unlike the training images ({describe(populations)}): less reliable"
+        like = (
+            f"; most like {describe([nearest])}" if nearest and nearest not in populations else ""
+        )
+        return f"unlike the training images ({describe(populations)}): less reliable{like}"
     return NOT_A_CHEST_XRAY if tier == NOT_CHEST_XRAY else None
 
 

@@ -84,10 +84,10 @@ class ModelCard:
 
         return domain.assess(distances, self.meta.get("ood"))
 
-    def warning(self, tier: str) -> str | None:
+    def warning(self, tier: str, nearest: str | None = None) -> str | None:
         from pneumoscan import domain
 
-        return domain.warning(tier, self.populations)
+        return domain.warning(tier, self.populations, nearest)
 
     def calibrate(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated probabilities of PNEUMONIA from raw logits (Platt scaling fit on validation)."""

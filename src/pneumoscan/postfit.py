@@ -68,7 +68,9 @@ def fit_postprocessing(
         ood, ood_threshold, _ = guard.fit(*next(iter(sets.values()))[:2])
         ood_meta = {**guard_spec, "threshold": ood_threshold}
     else:
-        ood, populations = guard.fit_populations({**sets, **references})
+        ood, populations = guard.fit_populations(
+            {**sets, **{name: entry[:3] for name, entry in references.items()}}
+        )
         ood_meta = {**guard_spec, "populations": [p.to_dict() for p in populations]}
         for entry in ood_meta["populations"]:
             if not entry["own"]:

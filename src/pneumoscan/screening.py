@@ -226,7 +226,7 @@ def score_decoded(
                 ood=ood,
                 ood_score=float(scores[i]) if guarded else None,
                 domain=tier,
-                warning=model.warning(tier),
+                warning=model.warning(tier, nearest[i]),
                 population=nearest[i],
             )
     for d in decoded:

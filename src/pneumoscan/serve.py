@@ -133,7 +133,14 @@ def model_card(loaded: model_folder.ModelCard, max_file_bytes: int, max_files: i
     points = {
         name: {
             k: point.get(k)
-            for k in ("threshold", "rule", "validation", "sensitivity_ci", "specificity_ci")
+            for k in (
+                "threshold",
+                "rule",
+                "validation",
+                "sensitivity_ci",
+                "specificity_ci",
+                "populations",  # each population's own validation figures, for several
+            )
         }
         for name, point in meta["operating_points"].items()
     }

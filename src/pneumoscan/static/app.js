@@ -124,16 +124,29 @@
         (card.members === 1 && card.name !== card.architecture ? `${card.architecture}, ` : "");
       ui.model.textContent =
         `Model: ${card.name} (${about}${card.input_size}×${card.input_size} pixels). ` +
-        `Thresholds: ${points.join("; ")}. Files up to ${sizeText(state.limits.max_file_bytes)}.` +
+        `Thresholds: ${points.join("; ")}.` +
+        populationText(card.operating_points.detection) +
+        ` Files up to ${sizeText(state.limits.max_file_bytes)}.` +
         (card.domain ? ` Trained on ${card.domain.trained_on}: other X-rays are marked less reliable.` : "") +
-        externalText(card.external_check);
+        externalText(card.external_check, card.domain);
     } catch (err) {
       ui.model.textContent = `Could not load the model description: ${err.message}`;
     }
   }
 
+  // A model of several populations: the detection point's figures in each one's validation.
+  function populationText(point) {
+    if (!point || !point.populations) return "";
+    const each = Object.entries(point.populations).map(([name, p]) => {
+      const v = p.validation;
+      const ci = (pair) => `${fmt(pair[0])}-${fmt(pair[1])}`;
+      return `${name}: sensitivity ${fmt(v.sensitivity)} (${ci(p.sensitivity_ci)}), specificity ${fmt(v.specificity)} (${ci(p.specificity_ci)})`;
+    });
+    return ` At detection, in each population's validation: ${each.join("; ")}.`;
+  }
+
   // What the model did on chest X-rays from elsewhere (model.json's external_check), if measured.
-  function externalText(ext) {
+  function externalText(ext, domain) {
     if (!ext) return "";
     const counts = (labels) =>
       Object.entries(labels).map(([label, n]) => `${n} ${label}`).join(", ") || "none";
@@ -142,7 +155,7 @@
       ` On ${ext.images} ${ext.films}: ${ext.recognised} recognised as chest X-rays, ` +
       `${ext.domain.shifted} of them marked less reliable; labels ${counts(ext.labels)}` +
       (clean ? ` (the ${clean} with no finding: ${counts(ext.no_finding)})` : "") +
-      `. On such films a label means little.`
+      (domain && domain.populations.length > 1 ? "." : `. On such films a label means little.`)
     );
   }
 
