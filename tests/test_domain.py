@@ -155,12 +155,14 @@ def test_in_domain_means_like_a_population_the_model_was_validated_on(name: str)
 
     model = runtime.load(name)
     files = data.read(NIH_TEST).files
-    results = screening.predict(model, files)
+    results = list(screening.predict(model, files))
     tiers = [r.domain for r in results]
     assert tiers.count(domain.NOT_CHEST_XRAY) <= 0.01 * len(files)
     if "nih_adult" in model.populations:
-        assert tiers.count(domain.IN_DOMAIN) >= 0.9 * len(files)
-        assert {r.population for r in results if r.domain == domain.IN_DOMAIN} == {"nih_adult"}
+        adults = [
+            r for r in results if r.domain == domain.IN_DOMAIN and r.population == "nih_adult"
+        ]
+        assert len(adults) >= 0.9 * len(files)
     else:
         assert tiers.count(domain.IN_DOMAIN) <= 0.05 * len(files)  # was 32% before issue 31
         like = [r for r in results if r.domain == domain.SHIFTED and r.population == "nih_adult"]

@@ -86,18 +86,19 @@ def test_unknown_model_name_names_the_choices(tmp_path: Path) -> None:
         model_folder.load(tmp_path)
 
 
-@pytest.mark.parametrize("name", ["dense", "cnn", "transfer", "ensemble"])
+@pytest.mark.parametrize("name", ["dense", "cnn", "transfer", "ensemble", "children-adults"])
 def test_bundled_models_ship_within_size_budget(name: str) -> None:
     folder = model_folder.bundled_dir() / name
     assert (folder / "model.json").is_file(), f"bundled model {name} is missing"
     model = model_folder.load(name)
-    architecture = "mixture" if name == "ensemble" else name
+    architecture = "mixture" if name in ("ensemble", "children-adults") else name
     assert model.meta["architecture"] == architecture and model.input_size == 128
     total = sum(p.stat().st_size for p in model_folder.bundled_dir().glob("*/*"))
-    # Weights, guards and ONNX graphs of all four, and two int8 graphs. Since the transfer trunk
+    # Weights, guards and ONNX graphs of all five, and two int8 graphs. Since the transfer trunk
     # is equalised (docs/experiments.md, section 29) it is no longer the guard's extractor, and
-    # each graph carries the guard's own stages (2.9 MB).
-    assert total <= 48 * 2**20
+    # each graph carries the guard's own stages (2.9 MB); children-adults holds the default's
+    # weights again, with its adult expert (section 40: 18.8 MiB).
+    assert total <= 70 * 2**20
 
 
 def test_the_guard_reads_the_extractor_model_json_names_or_the_one_an_older_folder_used() -> None:

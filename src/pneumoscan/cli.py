@@ -25,7 +25,7 @@ app = typer.Typer(
 MODEL_OPTION = typer.Option(
     DEFAULT_MODEL,
     "--model",
-    help="Bundled model (ensemble, dense, cnn, transfer) or a model folder.",
+    help="Bundled model (ensemble, children-adults, dense, cnn, transfer) or a model folder.",
 )
 MODE_OPTION = typer.Option(
     "detection", "--mode", help="Operating point: detection (sensitive) or balanced."
@@ -297,7 +297,7 @@ def evaluate(
     model: list[str] = typer.Option(
         [DEFAULT_MODEL],
         "--model",
-        help="Bundled model (ensemble, dense, cnn, transfer) or a model folder; repeatable.",
+        help="Bundled model (ensemble, children-adults, dense, cnn, transfer) or a model folder; repeatable.",
     ),
     data: list[str] = DATA_OPTION,
     split: str = typer.Option("test", "--split", help="Split to score: test, val or train."),

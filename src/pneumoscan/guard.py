@@ -53,10 +53,13 @@ class Guard(nn.Module):
     def distance(self, pooled: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distances of pooled features from each population's mean: (N,) with one
         population, (N, populations) with several."""
-        centred = pooled[:, None, :] - self.mean[None]
-        squared = torch.einsum("npf,pfg,npg->np", centred, self.precision, centred)
-        distances = squared.clamp_min(0).sqrt()
-        return distances[:, 0] if len(self.mean) == 1 else distances
+        # One matrix product per population: the same sums whatever the batch, as one einsum
+        # over the batch is not (an image's score would depend on its neighbours' count).
+        distances = []
+        for mean, precision in zip(self.mean, self.precision, strict=True):
+            centred = pooled - mean
+            distances.append(((centred @ precision) * centred).sum(1).clamp_min(0).sqrt())
+        return distances[0] if len(distances) == 1 else torch.stack(distances, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.distance(self.pool(features))
