@@ -59,11 +59,28 @@ class ModelCard:
 
     @property
     def description(self) -> str:
-        """What the network is: `cnn`, `cnn x3` (three heads on one trunk), `cnn x3 + transfer`."""
-        return " + ".join(
-            f"{architecture} x{args['members']}" if args.get("members", 1) > 1 else architecture
-            for architecture, args in parts(self.meta)
+        """What the network is: `cnn`, `cnn x3` (three heads on one trunk), `cnn x3 + transfer`;
+        for experts per population, each population's, e.g. `chest_xray: cnn + transfer x2;
+        nih_adult: transfer`."""
+
+        def named(part: tuple[str, dict]) -> str:
+            architecture, args = part
+            members = args.get("members", 1)
+            return f"{architecture} x{members}" if members > 1 else architecture
+
+        every = parts(self.meta)
+        args = self.meta.get("model_args", {})
+        if not args.get("populations"):
+            return " + ".join(named(p) for p in every)
+        return "; ".join(
+            f"{population}: " + " + ".join(named(p) for p, w in zip(every, row, strict=True) if w)
+            for population, row in zip(args["populations"], args["weights"], strict=True)
         )
+
+    @property
+    def gated(self) -> bool:
+        """Whether the model is one expert per population behind a gate (join --population)."""
+        return bool(self.meta.get("model_args", {}).get("populations"))
 
     @property
     def members(self) -> int:

@@ -149,6 +149,7 @@ def model_card(loaded: model_folder.ModelCard, max_file_bytes: int, max_files: i
         "architecture": meta["architecture"],
         "description": loaded.description,  # e.g. "cnn x3 + transfer": what the model averages
         "members": loaded.members,  # > 1: several trained networks joined
+        "gated": loaded.gated,  # one expert per population, weighed by a gate
         "input_size": loaded.input_size,
         "class_names": loaded.class_names,
         "operating_points": points,

@@ -120,7 +120,8 @@
         });
       // An ensemble averages its networks' answers: "mean of cnn + transfer", "mean of cnn x3".
       const about =
-        (card.members > 1 ? `mean of ${card.description}, ` : "") +
+        (card.gated ? `experts per population, ${card.description}, ` : "") +
+        (card.members > 1 && !card.gated ? `mean of ${card.description}, ` : "") +
         (card.members === 1 && card.name !== card.architecture ? `${card.architecture}, ` : "");
       ui.model.textContent =
         `Model: ${card.name} (${about}${card.input_size}×${card.input_size} pixels). ` +
