@@ -5,12 +5,12 @@ BIN := $(VENV)/bin
 PNEUMOSCAN_DATA ?= ./data/chest_xray
 export PNEUMOSCAN_DATA
 
-.PHONY: run test test-fast lint format clean browser dicom-tools stress
+.PHONY: run test test-fast lint format clean system-tools browser dicom-tools stress
 
 $(BIN)/pneumoscan: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-compile -e '.[dev]'
 	@touch $@
 
 ## Evaluate the study's bundled models (dense, cnn, transfer, ensemble) on the test split of
@@ -34,32 +34,29 @@ stress: $(BIN)/pneumoscan
 	$(BIN)/python bench/stress.py --data "$(PNEUMOSCAN_DATA)"
 
 ## Lint, then the whole test suite (pytest's "no tests collected" counts as a failure).
-test: $(BIN)/pneumoscan lint browser dicom-tools
+test: $(BIN)/pneumoscan lint system-tools
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
 
 ## The development loop: every test not marked slow (no lint, no browser install).
 test-fast: $(BIN)/pneumoscan
 	$(BIN)/python -m pytest -q -m "not slow"
 
-## Debian's Chromium for tests/test_browser.py (Playwright drives it; no browser is downloaded).
-## Without root or apt the browser test is skipped, and the build goes on.
-browser:
-	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || \
-	  (apt-get update -qq && apt-get install -y -qq chromium) || true
-	@command -v chromium >/dev/null || echo "chromium could not be installed; the browser test will be skipped"
-
-## The DICOM network's real parts for tests/test_dicom_node.py: dcmtk (storescu, echoscu,
-## storescp, dsrdump, dcmcjpeg) as modality and PACS, Orthanc with its DICOMweb plugin as a
-## routing PACS, dicom3tools' dciodvfy to validate every SR and SC. Installed by apt as root;
-## elsewhere the tests needing a missing tool are skipped (CI runs as root and fails instead).
-DICOM_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb
-dicom-tools:
-	@missing=""; for t in $(DICOM_TOOLS); do cmd=$${t%%:*}; pkg=$${t#*:}; \
+## The system's parts the tests drive, installed by apt in one go as root: Debian's Chromium for
+## tests/test_browser.py (Playwright drives it; no browser is downloaded), and the DICOM
+## network's real parts for tests/test_dicom_node.py: dcmtk (storescu, echoscu, storescp,
+## dsrdump, dcmcjpeg) as modality and PACS, Orthanc with its DICOMweb plugin as a routing PACS,
+## dicom3tools' dciodvfy to validate every SR and SC. Without root or apt the tests needing a
+## missing part are skipped (CI runs as root and fails instead), and the build goes on.
+SYSTEM_TOOLS := chromium:chromium /usr/share/fonts/truetype/liberation:fonts-liberation storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc \
+  /usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb
+system-tools:
+	@missing=""; for t in $(SYSTEM_TOOLS); do cmd=$${t%%:*}; pkg=$${t#*:}; \
 	  command -v $$cmd >/dev/null || [ -e $$cmd ] || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) || true; \
 	  systemctl disable --now orthanc >/dev/null 2>&1 || service orthanc stop >/dev/null 2>&1 || true; \
-	elif [ -n "$$missing" ]; then echo "missing:$$missing; the DICOM network tests will be skipped"; fi
+	elif [ -n "$$missing" ]; then echo "missing:$$missing; the tests that need them will be skipped"; fi
+browser dicom-tools: system-tools
 
 lint: $(BIN)/pneumoscan
 	$(BIN)/ruff check src tests bench experiments tools

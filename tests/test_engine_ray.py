@@ -149,7 +149,7 @@ def test_ten_thousand_files_in_flat_driver_memory(
     )
     command = [sys.executable, "-c", probe, sys.executable, "-m", "pneumoscan", "predict"]
     command += [str(archive), "--engine", "ray", "--ray-address", cluster]
-    command += ["--model", "transfer", "--csv", str(out)]
+    command += ["--model", "dense", "--csv", str(out)]  # the lightest graph: the engine is tested
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     peak_mb = int(done.stdout.split()[-1]) / 1024

@@ -119,7 +119,8 @@ def test_the_plain_install_screens_serves_and_explains_without_torch(
     venv.create(env_dir, with_pip=True)
     python, pneumoscan = env_dir / "bin" / "python", env_dir / "bin" / "pneumoscan"
     install = subprocess.run(
-        [python, "-m", "pip", "install", "--quiet", str(REPO)],
+        # No bytecode up front (as `make`): what runs is compiled as it is imported.
+        [python, "-m", "pip", "install", "--quiet", "--no-compile", str(REPO)],
         capture_output=True,
         text=True,
         timeout=1200,

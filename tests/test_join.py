@@ -6,41 +6,9 @@ import pytest
 from helpers import QUICK, quick, silent
 
 from pneumoscan import model_folder, train
-from pneumoscan.config import load_config, load_plan
+from pneumoscan.config import load_plan
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.join import join_models, join_populations, train_plan
-
-
-@pytest.mark.slow
-def test_an_ensemble_of_seeds_scores_the_mean_of_its_members(
-    small_data: Path, tmp_path: Path, xray_files: list[Path]
-) -> None:
-    from pneumoscan import reader, runtime
-
-    cfg = quick("cnn", max_steps=4)
-    joined = train_plan(cfg, [0, 1], small_data, tmp_path, device_name="cpu", log=silent)
-    members = [model_folder.load(tmp_path / f"seed-{s}") for s in (0, 1)]
-    assert joined.meta["model_args"]["members"] == 2
-    assert [m["seed"] for m in joined.meta["training"]["members"]] == [0, 1]
-    images = np.stack([reader.load(f, 128) for f in xray_files])
-    mean = np.mean([m.raw_scores(images)[0] for m in members], axis=0)
-    assert np.allclose(joined.raw_scores(images)[0], mean, atol=1e-5)
-    # The joined folder is a model like any other: ONNX, heatmaps, refit thresholds.
-    again = model_folder.load(tmp_path)
-    assert (
-        np.abs(runtime.load(tmp_path).probabilities(images) - again.probabilities(images)).max()
-        < 1e-4
-    )
-    cam = runtime.load(tmp_path).heatmap(images[0])
-    assert cam.shape == (128, 128) and cam.max() > 0
-    with pytest.raises(PneumoscanError, match="already holds"):
-        train_plan(cfg, [0, 1], small_data, tmp_path, device_name="cpu", log=silent)
-    for change in ({"val_fraction": 0.3}, {"val_design": "earliest"}):
-        other = quick("cnn", max_steps=4, **change)
-        train.train(other, small_data, tmp_path / "other", "cpu", log=silent, progress=False)
-        with pytest.raises(PneumoscanError, match="another validation split"):
-            join_models([tmp_path / "seed-0", tmp_path / "other"], small_data, tmp_path / "x")
-        shutil.rmtree(tmp_path / "other")
 
 
 @pytest.mark.slow
@@ -88,35 +56,6 @@ def test_a_mixture_of_families_scores_the_mean_and_shares_the_guard_trunk(
 
 
 @pytest.mark.slow
-def test_two_recipes_of_one_network_share_its_trunk_and_join_a_mixture(
-    tiny_models: dict[str, Path], small_data: Path, tmp_path: Path, xray_files: list[Path]
-) -> None:
-    """Two `transfer` recipes (section 22): one frozen trunk, both heads; then with the `cnn`."""
-    from dataclasses import replace
-
-    from pneumoscan import reader, runtime
-    from pneumoscan.models import MeanOfHeads
-
-    cfg = load_config("transfer", max_steps=6, batch_size=32, feature_views=1)
-    wider = replace(cfg, val_fraction=0.25, seed=1, augment={**cfg.augment, "scale": 0.25})
-    train.train(wider, small_data, tmp_path / "wider", "cpu", log=silent, progress=False)
-    folders = [tiny_models["transfer"], tmp_path / "wider"]
-    heads = join_models(folders, small_data, tmp_path / "heads")
-    assert heads.meta["architecture"] == "transfer" and heads.meta["model_args"]["members"] == 2
-    assert isinstance(heads.network.head, MeanOfHeads)
-    recorded = [m["config"]["augment"]["scale"] for m in heads.meta["training"]["members"]]
-    assert recorded == [cfg.augment["scale"], 0.25]
-    images = np.stack([reader.load(f, 128) for f in xray_files])
-    t1, t2, c = (model_folder.load(f).raw_scores(images)[0] for f in [*folders, tiny_models["cnn"]])
-    assert np.allclose(heads.raw_scores(images)[0], (t1 + t2) / 2, atol=1e-5)
-    mix = join_models([tiny_models["cnn"], tmp_path / "heads"], small_data, tmp_path / "mix")
-    assert mix.meta["architecture"] == "mixture" and mix.description == "cnn + transfer x2"
-    assert np.allclose(mix.raw_scores(images)[0], c / 2 + (t1 + t2) / 4, atol=1e-5)
-    onnx = runtime.load(tmp_path / "mix")
-    assert np.abs(onnx.probabilities(images) - mix.probabilities(images)).max() < 1e-4
-
-
-@pytest.mark.slow
 def test_a_cnn_with_zoom_views_joins_exports_and_explains(
     tiny_models: dict[str, Path], small_data: Path, tmp_path: Path, xray_files: list[Path]
 ) -> None:
@@ -143,38 +82,72 @@ def test_a_cnn_with_zoom_views_joins_exports_and_explains(
 
 
 @pytest.mark.slow
-def test_one_call_trains_several_families_and_joins_them(small_data: Path, tmp_path: Path) -> None:
+def test_one_call_trains_several_families_and_joins_them(
+    small_data: Path, tmp_path: Path, xray_files: list[Path]
+) -> None:
+    """`train --model dense,cnn --seeds 0,1`: an ensemble of seeds per family, then the families."""
+    from pneumoscan import reader, runtime
+
     configs = load_plan("dense,cnn", **QUICK, max_steps=2)
     joined = train_plan(configs, [0, 1], small_data, tmp_path, log=silent)
     assert joined.description == "dense x2 + cnn x2" and joined.members == 4
     for name in ("dense", "cnn"):
         family = model_folder.load(tmp_path / name)
         assert family.members == 2 and (tmp_path / name / "seed-1" / "model.json").is_file()
+    # An ensemble of seeds scores the mean of its members' logits.
+    cnn = model_folder.load(tmp_path / "cnn")
+    assert cnn.meta["model_args"]["members"] == 2
+    assert [m["seed"] for m in cnn.meta["training"]["members"]] == [0, 1]
+    images = np.stack([reader.load(f, 128) for f in xray_files])
+    seeds = [model_folder.load(tmp_path / "cnn" / f"seed-{s}") for s in (0, 1)]
+    mean = np.mean([m.raw_scores(images)[0] for m in seeds], axis=0)
+    assert np.allclose(cnn.raw_scores(images)[0], mean, atol=1e-5)
+    # A joined folder is a model like any other: ONNX at the same probabilities, heatmaps.
+    for folder in (tmp_path / "cnn", tmp_path):
+        graph, torch_model = runtime.load(folder), model_folder.load(folder)
+        assert np.abs(graph.probabilities(images) - torch_model.probabilities(images)).max() < 1e-4
+    cam = runtime.load(tmp_path / "cnn").heatmap(images[0])
+    assert cam.shape == (128, 128) and cam.max() > 0
     with pytest.raises(PneumoscanError, match="already holds"):
         train_plan(configs, [0, 1], small_data, tmp_path, log=silent)
-    single = train_plan(configs, [0], small_data, tmp_path / "one", log=silent)
-    assert single.description == "dense + cnn"  # one seed: each member a single model
+    # Members carved on other validation images are not joined: their refits would disagree.
+    for change in ({"val_fraction": 0.3}, {"val_design": "earliest"}):
+        other = quick("dense", max_steps=1, **change)
+        train.train(other, small_data, tmp_path / "other", "cpu", log=silent, progress=False)
+        with pytest.raises(PneumoscanError, match="another validation split"):
+            join_models(
+                [tmp_path / "dense" / "seed-0", tmp_path / "other"], small_data, tmp_path / "x"
+            )
+        shutil.rmtree(tmp_path / "other")
 
 
 @pytest.mark.slow
 def test_the_default_plan_trains_in_one_call_and_weighs_its_members(
     small_data: Path, tmp_path: Path, xray_files: list[Path]
 ) -> None:
-    """`train --model ensemble`: cnn, and two transfer heads on one trunk; logit weights 1/2, 1/4, 1/4."""
-    from pneumoscan import reader
+    """`train --model ensemble`: the cnn, and two `transfer` recipes (section 22) as two heads on
+    one frozen trunk; logit weights 1/2, 1/4, 1/4; one seed, so no member is an ensemble."""
+    from pneumoscan import reader, runtime
+    from pneumoscan.models import MeanOfHeads
 
     plan = load_plan("ensemble", **QUICK, max_steps=2)
     joined = train_plan(plan, [0], small_data, tmp_path, log=silent, name="ensemble")
     assert joined.name == "ensemble" and joined.description == "cnn + transfer x2"
+    assert joined.meta["architecture"] == "mixture"
     heads = tmp_path / "transfer+transfer-wide"
     parts = [tmp_path / "cnn", heads / "transfer", heads / "transfer-wide"]
     images = np.stack([reader.load(f, 128) for f in xray_files])
     logits = [model_folder.load(f).raw_scores(images)[0] for f in parts]
     expected = logits[0] / 2 + logits[1] / 4 + logits[2] / 4
     assert np.allclose(joined.raw_scores(images)[0], expected, atol=1e-5)
-    two = model_folder.load(heads).meta
-    assert two["model_args"]["members"] == 2  # one trunk, two heads
-    assert [m["config"]["augment"]["scale"] for m in two["training"]["members"]] == [0.1, 0.25]
+    two = model_folder.load(heads)
+    assert two.meta["architecture"] == "transfer" and two.meta["model_args"]["members"] == 2
+    assert isinstance(two.network.head, MeanOfHeads)  # one trunk, two heads
+    assert np.allclose(two.raw_scores(images)[0], (logits[1] + logits[2]) / 2, atol=1e-5)
+    recorded = [m["config"]["augment"]["scale"] for m in two.meta["training"]["members"]]
+    assert recorded == [0.1, 0.25]
+    onnx = runtime.load(tmp_path)
+    assert np.abs(onnx.probabilities(images) - joined.probabilities(images)).max() < 1e-4
 
 
 def test_joining_refuses_one_member_an_unknown_one_and_an_occupied_folder(
