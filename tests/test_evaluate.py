@@ -51,10 +51,10 @@ NIH_TEST = Path(__file__).resolve().parents[1] / "experiments" / "nih_adult" / "
 
 @pytest.mark.slow
 def test_the_model_of_children_and_adults_holds_on_both_test_sets(data_root: Path) -> None:
-    """Each source and view on its own (docs/experiments.md section 40, scored once): floors
-    just below what it measured on the 103 adult test films (AUC 0.838, AP 0.879, detection
-    sensitivity 49/52, specificity 23/51) and the 624 children's; and a normal adult scores
-    low as a normal child does: the gate does not stand for "adult"."""
+    """Each source and view on its own (docs/experiments.md section 41, scored once): floors
+    just below what it measured on the 103 adult test films (AUC 0.928, AP 0.927, PA 0.907,
+    detection sensitivity 49/52, specificity 33/51), issue 31's targets, and the 624 children's;
+    and a normal adult scores low as a normal child does: the gate does not stand for "adult"."""
     from pneumoscan import runtime
 
     data.read(NIH_TEST)  # skips nothing: the films lie beside the data set, as in CI
@@ -63,10 +63,10 @@ def test_the_model_of_children_and_adults_holds_on_both_test_sets(data_root: Pat
     parts = {b.subset: b for b in result.breakdown}
     assert set(parts) == {"chest_xray", "nih_adult", "nih_adult AP", "nih_adult PA"}
     assert parts["chest_xray"].n == 624 and parts["nih_adult"].n == 103
-    assert parts["chest_xray"].auc >= 0.980 and parts["nih_adult"].auc >= 0.82
-    assert parts["nih_adult AP"].auc >= 0.85 and parts["nih_adult PA"].auc >= 0.75
+    assert parts["chest_xray"].auc >= 0.980 and parts["nih_adult"].auc >= 0.90
+    assert parts["nih_adult AP"].auc >= 0.90 and parts["nih_adult PA"].auc >= 0.88
     adults = parts["nih_adult"].operating_points["detection"]
-    assert adults.sensitivity >= 0.90 and adults.specificity >= 0.40
+    assert adults.sensitivity >= 0.90 and adults.specificity >= 0.60
     assert parts["nih_adult"].domains.get("not_chest_xray", 0) <= 1
     assert parts["nih_adult"].patients == 71
     low, high = parts["nih_adult"].auc_ci
@@ -80,3 +80,4 @@ def test_the_model_of_children_and_adults_holds_on_both_test_sets(data_root: Pat
     for population in ("chest_xray", "nih_adult"):
         assert median[(population, 0)] < 0.5
         assert median[(population, 0)] < min(median[("chest_xray", 1)], median[("nih_adult", 1)])
+    print({f"{p} {'PNEUMONIA' if k else 'NORMAL'}": round(v, 2) for (p, k), v in median.items()})

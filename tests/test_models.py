@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscan.models import MODEL_NAMES, create_model
+from pneumoscan.models import MODEL_NAMES, Mixture, create_model
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -78,6 +78,16 @@ def test_only_members_with_the_same_trunk_weights_share_one_trunk() -> None:
     assert not share_trunk([a, b])
     with pytest.raises(ValueError, match="share their frozen trunk"):
         heads_on_one_trunk([a, b])
+    # The same weights on an input prepared otherwise (equalised or not) are another trunk:
+    # in a mixture each runs its own (the adults' expert of section 41 reads the guard's).
+    equalised = create_model("transfer", equalize=[0.25, 0.15], equalize_first=True)
+    assert not share_trunk([a, equalised])
+    mix = Mixture([equalised, a, create_model("transfer", equalize=[0.25, 0.15])])
+    mix.share_trunks()
+    assert len({id(m.trunk) for m in mix.members}) == 3
+    mix = Mixture([a, create_model("transfer")])
+    mix.share_trunks()
+    assert mix.members[0].trunk is mix.members[1].trunk
 
 
 def test_equalisation_gives_every_image_one_histogram_whatever_its_exposure(

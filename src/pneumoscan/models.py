@@ -231,13 +231,9 @@ def mixture(
 
 
 def share_trunk(members: list[Classifier]) -> bool:
-    """Whether the members' frozen trunks hold the same weights (so one can run for all)."""
-    trunk = members[0].trunk.state_dict()
-    others = (member.trunk.state_dict() for member in members[1:])
-    return all(
-        other.keys() == trunk.keys() and all(torch.equal(other[k], trunk[k]) for k in trunk)
-        for other in others
-    )
+    """Whether the members' frozen trunks are one: the same weights on the same prepared input
+    (so one can run for all)."""
+    return all(_same_module(members[0].trunk, member.trunk) for member in members[1:])
 
 
 def heads_on_one_trunk(members: list[Classifier]) -> Classifier:
@@ -355,6 +351,14 @@ class Standardize(nn.Module):
         else:
             x = self._equalize(self._low_pass(x))
         return (x.expand(-1, self.mean.shape[1], -1, -1) - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        # What the repr says tells trunks apart (`_same_module`): two trunks with the same
+        # weights on differently prepared inputs are two trunks.
+        return (
+            f"blur={self.blur}, equalize={self.equalize}, equalize_first={self.equalize_first}, "
+            f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+        )
 
     def _low_pass(self, x: torch.Tensor) -> torch.Tensor:
         if self.blur > 0:
